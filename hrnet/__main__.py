@@ -1,0 +1,3 @@
+from hrnet.cli import main
+
+raise SystemExit(main())
