@@ -1,0 +1,1 @@
+"""The gRPC API: `.proto` sources and the Python code generated from them (`make proto`)."""
