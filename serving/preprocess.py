@@ -1,0 +1,211 @@
+"""Server-side image preprocessing that reproduces the training eval transform bit for bit.
+
+A model is only as accurate as the agreement between the pixels it was evaluated on and the
+pixels it is served. The eval pipeline of training is MindSpore's `Decode`, `Resize(resize_size)`
+(short side), `CenterCrop(input_size)`, `Normalize(mean*255, std*255)`, `HWC2CHW`; this module
+computes the same tensor without MindSpore, so the server, the client and the benchmarks share
+one pure function:
+
+- Decoding uses Pillow and converts to RGB the way MindSpore's `Decode` does: grayscale is
+  replicated, alpha is dropped (not composited), palettes are expanded, CMYK JPEGs use Pillow's
+  conversion (identical to MindSpore's), 16-bit samples keep their high byte. Pillow also
+  reads WebP and GIF (first frame), which MindSpore's `Decode` refuses.
+- One deliberate difference, on by default: the EXIF orientation is applied, so a phone photo
+  is classified upright; MindSpore's `Decode` ignores it (`PreprocessSpec.exif_transpose`).
+- MindSpore's bilinear resize equals OpenCV's `INTER_LINEAR` (not Pillow's, which antialiases
+  when shrinking). The long side is `int(float32(size) * (float32(long) / float32(short)))`,
+  i.e. truncated in single precision: 640x427 -> 383x256, and 31x7 -> 30x7, not 31x7.
+- The centre crop starts at `(side - crop) // 2`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from hrnet.metadata import ModelMetadata
+
+# 50 megapixels: every consumer camera's full-resolution photo, about 150 MB once decoded to RGB.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+# Pillow's names for the accepted containers (multi-picture camera JPEGs open as JPEG, reported as MPO).
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class ImageError(ValueError):
+    """The bytes are not an image this server can read, or are too large to decode safely."""
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """The eval transform of one model; mean and std on the 0..1 pixel scale, as in ModelMetadata."""
+
+    input_size: int
+    resize_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    exif_transpose: bool = True  # False reproduces MindSpore's Decode, which ignores EXIF orientation
+
+    def __post_init__(self) -> None:
+        if self.input_size < 1:
+            raise ValueError(f"input_size must be >= 1, got {self.input_size}")
+        if self.resize_size < self.input_size:
+            raise ValueError(f"resize_size {self.resize_size} is smaller than input_size {self.input_size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
+            raise ValueError(f"mean and std need 3 values each, std > 0; got mean={self.mean} std={self.std}")
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+
+    @classmethod
+    def from_metadata(cls, meta: ModelMetadata) -> PreprocessSpec:
+        return cls(input_size=meta.input_size, resize_size=meta.resize_size, mean=meta.mean, std=meta.std)
+
+
+def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) after MindSpore's `Resize(size)`: short side `size`, long side truncated.
+
+    The ratio and product are taken in float32 as MindSpore does; exact integer arithmetic would
+    differ whenever the true long side is an integer that float32 lands just below (31x7 -> 30).
+    """
+    if height <= width:
+        return size, int(np.float32(size) * (np.float32(width) / np.float32(height)))
+    return int(np.float32(size) * (np.float32(height) / np.float32(width))), size
+
+
+def decode_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose: bool = True
+) -> np.ndarray:
+    """Encoded bytes -> RGB uint8 HWC, refusing oversized images before any pixel is decoded."""
+    if not data:
+        raise ImageError("empty image: 0 bytes")
+    try:
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large to decode: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"unsupported or unrecognised image data ({len(data)} bytes starting {data[:8]!r}); "
+            f"accepted formats: JPEG, PNG, WebP, BMP, GIF"
+        ) from None
+    except Exception as exc:  # a recognised header that its plugin then fails to parse
+        raise ImageError(f"corrupt image header: {exc}") from None
+    with image:
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise ImageError(f"{image.format} image has no pixels ({width}x{height})")
+        if width * height > max_pixels:
+            raise ImageError(
+                f"{image.format} image is {width}x{height} = {width * height} pixels, "
+                f"more than the limit of {max_pixels}"
+            )
+        try:
+            image.load()
+            if exif_transpose:
+                ImageOps.exif_transpose(image, in_place=True)
+            return _to_rgb(image)
+        except Image.DecompressionBombError as exc:
+            raise ImageError(f"image too large to decode: {exc}") from None
+        # Pillow's plugins raise OSError, SyntaxError, ValueError, EOFError, struct.error... on bad data.
+        except Exception as exc:
+            raise ImageError(f"corrupt or truncated {image.format} image ({width}x{height}): {exc}") from None
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # MindSpore (via OpenCV) keeps the high byte; Pillow's convert("RGB") would clip at 255.
+        gray = (np.clip(np.asarray(image), 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
+        return cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image)
+
+
+def preprocess_array(
+    rgb: np.ndarray, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """RGB uint8 HWC -> normalised float32 CHW: resize short side, centre crop, normalise."""
+    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        desc = (
+            f"{rgb.dtype} array of shape {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
+        )
+        raise ImageError(f"expected an RGB uint8 array of shape (height, width, 3), got {desc}")
+    height, width = rgb.shape[:2]
+    if height < 1 or width < 1:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+    new_h, new_w = resized_shape(height, width, spec.resize_size)
+    if new_h * new_w > max_pixels:
+        # A 1x40000 strip is tiny but would resize to 256x10240000: refuse extreme aspect ratios.
+        raise ImageError(
+            f"a {width}x{height} image resizes to {new_w}x{new_h} (short side {spec.resize_size}), "
+            f"more than the limit of {max_pixels} pixels"
+        )
+    resized = cv2.resize(np.ascontiguousarray(rgb), (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    top = (new_h - spec.input_size) // 2
+    left = (new_w - spec.input_size) // 2
+    crop = resized[top : top + spec.input_size, left : left + spec.input_size]
+    chw = crop.transpose(2, 0, 1).astype(np.float32, order="C")
+    # MindSpore's Normalize receives mean*255 and std*255 computed in double, then works in float32.
+    mean = np.array([m * 255 for m in spec.mean], dtype=np.float32)[:, None, None]
+    std = np.array([s * 255 for s in spec.std], dtype=np.float32)[:, None, None]
+    chw -= mean
+    chw /= std
+    return chw
+
+
+def preprocess_image(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes -> the float32 CHW tensor the model was evaluated on."""
+    return preprocess_array(decode_image(data, max_pixels, spec.exif_transpose), spec, max_pixels)
+
+
+def default_workers() -> int:
+    """One decoding thread per usable core, at most 4: inference needs cores too."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+class ImagePreprocessor:
+    """Preprocesses a batch of encoded images on a bounded thread pool.
+
+    Pillow's decoders and OpenCV's resize release the GIL, so threads decode in parallel
+    without blocking the server's event loop.
+    """
+
+    def __init__(
+        self, spec: PreprocessSpec, max_workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
+        """`max_workers` 0 means `default_workers()`."""
+        if max_workers < 0:
+            raise ValueError(f"max_workers must be >= 0, got {max_workers}")
+        self.spec = spec
+        self.max_pixels = max_pixels
+        self.max_workers = max_workers or default_workers()
+        self._pool = ThreadPoolExecutor(self.max_workers, thread_name_prefix="preprocess")
+
+    async def preprocess_many(self, images: list[bytes]) -> np.ndarray:
+        """Encoded images -> float32 NCHW; an ImageError names the first bad image by its index."""
+        size = self.spec.input_size
+        batch = np.empty((len(images), 3, size, size), dtype=np.float32)
+        loop = asyncio.get_running_loop()
+        jobs = [
+            loop.run_in_executor(self._pool, preprocess_image, data, self.spec, self.max_pixels)
+            for data in images
+        ]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        for index, result in enumerate(results):
+            if isinstance(result, ImageError):
+                raise ImageError(f"image {index}: {result}") from None
+            if isinstance(result, BaseException):
+                raise result
+            batch[index] = result
+        return batch
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
