@@ -1,0 +1,325 @@
+"""Dynamic batching: many small requests in, few large backend calls out.
+
+Knows nothing of gRPC or of any backend beyond `Runner.infer`. One scheduler task takes a free
+model instance, then forms a batch: it waits for the first request, then until the batch is
+full, the largest preferred size is reached, or the oldest request has waited
+`max_queue_delay_us`. Taking the instance first means that while every instance is busy,
+requests pile up and the next batch is larger at no extra delay.
+
+Guarantees: every future is resolved (result, error or cancellation); a cancelled or expired
+request is dropped before compute; the queue is bounded in images and fails fast with
+`QueueFull`; deadlines are absolute times on the injectable `clock` (time.monotonic).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from serving.config import BatchingConfig
+from serving.errors import DeadlineExceeded, InferenceFailed, InvalidArgument, QueueFull, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    """One model instance: a blocking call from a batch (N, ...) to outputs (N, ...)."""
+
+    def infer(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """What one executed batch looked like, for statistics and metrics."""
+
+    size: int  # images
+    requests: int
+    queue_s: tuple[float, ...]  # per request: enqueue -> batch start
+    compute_s: float
+    ok: bool
+
+
+class BatchListener(Protocol):
+    def batch_done(self, record: BatchRecord) -> None: ...
+
+    def dropped(self, images: int, reason: str) -> None: ...
+
+
+class _State(enum.Enum):
+    QUEUED = 1
+    RUNNING = 2
+    DROPPED = 3
+
+
+@dataclass(eq=False)
+class _Task:
+    items: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    enqueued: float
+    deadline: float | None
+    state: _State = _State.QUEUED
+
+    @property
+    def size(self) -> int:
+        return int(self.items.shape[0])
+
+
+@dataclass(order=True)
+class _Entry:
+    priority: int
+    seq: int
+    task: _Task = field(compare=False)
+
+
+class Batcher:
+    """Batches `submit` calls onto `runners`, at most one batch per runner at a time."""
+
+    def __init__(
+        self,
+        runners: Sequence[Runner],
+        config: BatchingConfig,
+        listener: BatchListener | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not runners:
+            raise ValueError("a batcher needs at least one runner")
+        self.config = config
+        self._runners = list(runners)
+        self._listener = listener
+        self._clock = clock
+        self._heap: list[_Entry] = []
+        self._seq = itertools.count()
+        self._queued_images = 0
+        self._running: set[asyncio.Task[None]] = set()
+        self._executor = ThreadPoolExecutor(max_workers=len(runners), thread_name_prefix="infer")
+        self._closing = False
+        # asyncio primitives belong to the running loop: made in start().
+        self._arrival: asyncio.Event | None = None
+        self._free: asyncio.Queue[Runner] | None = None
+        self._idle: asyncio.Event | None = None
+        self._scheduler: asyncio.Task[None] | None = None
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    @property
+    def running_batches(self) -> int:
+        return len(self._running)
+
+    async def start(self) -> None:
+        self._arrival = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._free = asyncio.Queue()
+        for runner in self._runners:
+            self._free.put_nowait(runner)
+        self._scheduler = asyncio.create_task(self._schedule(), name="batcher")
+
+    async def submit(self, items: np.ndarray, deadline: float | None = None, priority: int = 0) -> np.ndarray:
+        """Run `items` (N, ...) through a model instance; return its outputs (N, ...) in order.
+
+        `deadline` is an absolute `clock()` time by which the request must have left the queue;
+        `priority` orders the queue, lower first. Requests larger than `max_batch_size` are split
+        into chunks that batch independently, and their outputs are merged back.
+        """
+        if self._scheduler is None or self._closing:
+            raise Unavailable("the server is shutting down and accepts no new work")
+        n = int(items.shape[0]) if items.ndim else 0
+        if n < 1:
+            raise InvalidArgument(f"a request needs at least one item, got shape {list(items.shape)}")
+        if self._queued_images + n > self.config.max_queue_size:
+            raise QueueFull(self._queued_images, n, self.config.max_queue_size)
+        now = self._clock()
+        step = self.config.max_batch_size
+        tasks = [self._enqueue(items[i : i + step], now, deadline, priority) for i in range(0, n, step)]
+        try:
+            outputs = [await self._wait(task) for task in tasks]
+        finally:
+            for task in tasks:
+                self._abandon(task)
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+    def _enqueue(self, items: np.ndarray, now: float, deadline: float | None, priority: int) -> _Task:
+        loop = asyncio.get_running_loop()
+        task = _Task(items=items, future=loop.create_future(), enqueued=now, deadline=deadline)
+        heapq.heappush(self._heap, _Entry(priority, next(self._seq), task))
+        self._queued_images += task.size
+        assert self._arrival is not None and self._idle is not None
+        self._idle.clear()
+        self._arrival.set()
+        return task
+
+    async def _wait(self, task: _Task) -> np.ndarray:
+        if task.deadline is None:
+            return await task.future
+        remaining = task.deadline - self._clock()
+        try:
+            return await asyncio.wait_for(asyncio.shield(task.future), timeout=max(remaining, 0.0))
+        except TimeoutError:
+            if task.state is _State.RUNNING:  # the deadline bounds queueing; computing work finishes
+                return await task.future
+            self._drop(task, "expired", DeadlineExceeded(self._clock() - task.enqueued))
+            return await task.future
+
+    def _abandon(self, task: _Task) -> None:
+        """The caller is gone (cancelled, or a sibling chunk failed): drop the task if still queued."""
+        if task.state is _State.QUEUED:
+            self._drop(task, "cancelled", None)
+
+    def _drop(self, task: _Task, reason: str, error: Exception | None) -> None:
+        if task.state is not _State.QUEUED:
+            return
+        task.state = _State.DROPPED
+        self._queued_images -= task.size
+        if not task.future.done():
+            if error is None:
+                task.future.cancel()
+            else:
+                task.future.set_exception(error)
+        if self._listener:
+            self._listener.dropped(task.size, reason)
+
+    async def _schedule(self) -> None:
+        assert self._free is not None
+        while True:
+            runner = await self._free.get()
+            tasks = await self._next_batch()
+            job = asyncio.create_task(self._execute(runner, tasks))
+            self._running.add(job)
+            assert self._idle is not None
+            self._idle.clear()
+            job.add_done_callback(self._job_done)
+
+    def _job_done(self, job: asyncio.Task[None]) -> None:
+        self._running.discard(job)
+        if not self._running and not self._queued_images and self._idle is not None:
+            self._idle.set()
+
+    def _head(self) -> _Task | None:
+        """The next live task, discarding dropped ones and failing expired ones."""
+        now = self._clock()
+        while self._heap:
+            task = self._heap[0].task
+            if task.state is _State.QUEUED and task.deadline is not None and now >= task.deadline:
+                self._drop(task, "expired", DeadlineExceeded(now - task.enqueued))
+            if task.state is _State.QUEUED:
+                return task
+            heapq.heappop(self._heap)
+        return None
+
+    async def _next_batch(self) -> list[_Task]:
+        assert self._arrival is not None
+        cfg = self.config
+        target = max(cfg.preferred_batch_sizes, default=cfg.max_batch_size)
+        while True:
+            self._arrival.clear()
+            head = self._head()
+            if head is None:
+                if self._idle is not None and not self._running:
+                    self._idle.set()
+                await self._arrival.wait()
+                continue
+            wait_s = head.enqueued + cfg.max_queue_delay_us / 1e6 - self._clock()
+            if self._queued_images >= target or wait_s <= 0 or self._closing:
+                return self._take()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrival.wait(), timeout=wait_s)
+
+    def _take(self) -> list[_Task]:
+        cfg = self.config
+        limit = min(self._queued_images, cfg.max_batch_size)
+        fitting = [s for s in cfg.preferred_batch_sizes if s <= limit]
+        if fitting and limit < cfg.max_batch_size:
+            limit = max(fitting)
+        batch: list[_Task] = []
+        size = 0
+        while (head := self._head()) is not None and (not batch or size + head.size <= limit):
+            heapq.heappop(self._heap)
+            head.state = _State.RUNNING
+            self._queued_images -= head.size
+            batch.append(head)
+            size += head.size
+        return batch
+
+    async def _execute(self, runner: Runner, tasks: list[_Task]) -> None:
+        assert self._free is not None
+        try:
+            tasks = [t for t in tasks if not t.future.done()]  # cancelled after being taken
+            if not tasks:
+                return
+            start = self._clock()
+            batch = tasks[0].items if len(tasks) == 1 else np.concatenate([t.items for t in tasks])
+            loop = asyncio.get_running_loop()
+            ok = False
+            try:
+                outputs = await loop.run_in_executor(self._executor, runner.infer, batch)
+                if outputs.shape[0] != batch.shape[0]:
+                    raise InferenceFailed(
+                        f"the model returned {outputs.shape[0]} outputs for a batch of {batch.shape[0]}"
+                    )
+                ok = True
+            except Exception as exc:
+                log.exception("batch of %d failed", batch.shape[0])
+                error = exc
+                if not isinstance(exc, InferenceFailed):
+                    error = InferenceFailed(f"inference failed: {exc}")
+                for task in tasks:
+                    if not task.future.done():
+                        task.future.set_exception(error)
+            compute_s = self._clock() - start
+            if ok:
+                offset = 0
+                for task in tasks:
+                    if not task.future.done():
+                        task.future.set_result(outputs[offset : offset + task.size])
+                    offset += task.size
+            if self._listener:
+                self._listener.batch_done(
+                    BatchRecord(
+                        size=int(batch.shape[0]),
+                        requests=len(tasks),
+                        queue_s=tuple(start - t.enqueued for t in tasks),
+                        compute_s=compute_s,
+                        ok=ok,
+                    )
+                )
+        finally:
+            for task in tasks:  # cancelled mid-batch at shutdown: still answer every caller
+                if not task.future.done():
+                    task.future.set_exception(Unavailable("the server shut down while this request ran"))
+            self._free.put_nowait(runner)
+
+    async def close(self, grace_s: float = 0.0) -> bool:
+        """Stop accepting work, let queued and running work finish within `grace_s`, then stop.
+
+        Returns True when everything accepted finished; what is left is failed with Unavailable.
+        """
+        self._closing = True
+        drained = True
+        if self._scheduler is not None and self._idle is not None and self._arrival is not None:
+            self._arrival.set()  # flush: no more waiting for stragglers
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
+            except TimeoutError:
+                drained = False
+            self._scheduler.cancel()
+            gone = Unavailable("the server shut down before this request ran")
+            for entry in self._heap:
+                self._drop(entry.task, "shutdown", gone)
+            self._heap.clear()
+            for job in list(self._running):
+                job.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        return drained

@@ -1,0 +1,208 @@
+"""The batcher on its own: no gRPC, a fake clock, runners that record what they computed."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from serving.batcher import Batcher, BatchRecord
+from serving.config import BatchingConfig
+from serving.errors import DeadlineExceeded, InferenceFailed, QueueFull, Unavailable
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Doubler:
+    """Returns 2x its input; can be held at a gate to keep batches queued."""
+
+    def __init__(self) -> None:
+        self.batches: list[np.ndarray] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        self.entered.set()
+        self.gate.wait(10)
+        self.batches.append(batch.copy())
+        return batch * 2
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.records: list[BatchRecord] = []
+        self.drops: list[tuple[int, str]] = []
+
+    def batch_done(self, record: BatchRecord) -> None:
+        self.records.append(record)
+
+    def dropped(self, images: int, reason: str) -> None:
+        self.drops.append((images, reason))
+
+
+def items(*values: float) -> np.ndarray:
+    return np.array(values, dtype=np.float32).reshape(-1, 1)
+
+
+async def _started(runners, recorder=None, clock=None, **cfg) -> Batcher:
+    batcher = Batcher(runners, BatchingConfig(**cfg), listener=recorder, clock=clock or FakeClock())
+    await batcher.start()
+    return batcher
+
+
+async def _wait_entered(runner: Doubler) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, runner.entered.wait, 5)
+
+
+async def test_concurrent_requests_are_batched_and_routed() -> None:
+    runner, rec = Doubler(), Recorder()
+    runner.gate.clear()
+    b = await _started([runner], rec, max_batch_size=8, max_queue_delay_us=0, max_queue_size=64)
+    first = asyncio.create_task(b.submit(items(0)))
+    await _wait_entered(runner)  # the only instance is busy: the next requests pile up
+    rest = [asyncio.create_task(b.submit(items(i, 100 + i))) for i in range(1, 4)]
+    await asyncio.sleep(0.01)
+    runner.gate.set()
+    assert (await first).ravel().tolist() == [0]
+    for i, task in enumerate(rest, start=1):
+        assert (await task).ravel().tolist() == [2 * i, 2 * (100 + i)]
+    assert [r.size for r in rec.records] == [1, 6]
+    assert rec.records[1].requests == 3
+    await b.close()
+
+
+async def test_large_request_split_into_max_batch_chunks_and_merged() -> None:
+    runner = Doubler()
+    b = await _started([runner], max_batch_size=4, max_queue_delay_us=0, max_queue_size=16)
+    out = await b.submit(items(*range(10)))
+    assert out.ravel().tolist() == [2 * i for i in range(10)]
+    assert max(len(x) for x in runner.batches) <= 4
+    await b.close()
+
+
+async def test_preferred_batch_size_cuts_the_batch() -> None:
+    runner, rec = Doubler(), Recorder()
+    runner.gate.clear()
+    b = await _started([runner], rec, max_batch_size=8, preferred_batch_sizes=(4,), max_queue_delay_us=0)
+    first = asyncio.create_task(b.submit(items(0)))
+    await _wait_entered(runner)
+    rest = [asyncio.create_task(b.submit(items(i))) for i in range(1, 7)]
+    await asyncio.sleep(0.01)
+    runner.gate.set()
+    await asyncio.gather(first, *rest)
+    assert [r.size for r in rec.records] == [1, 4, 2]
+    await b.close()
+
+
+async def test_queue_full_fails_fast() -> None:
+    runner = Doubler()
+    runner.gate.clear()
+    b = await _started([runner], max_batch_size=2, max_queue_size=4, max_queue_delay_us=0)
+    busy = asyncio.create_task(b.submit(items(0)))
+    await _wait_entered(runner)
+    queued = asyncio.create_task(b.submit(items(1, 2, 3)))
+    await asyncio.sleep(0)
+    with pytest.raises(QueueFull, match=r"3 image\(s\) queued \+ 2 requested > max_queue_size 4"):
+        await b.submit(items(4, 5))
+    runner.gate.set()
+    await asyncio.gather(busy, queued)
+    await b.close()
+
+
+async def test_expired_and_cancelled_requests_are_never_computed() -> None:
+    runner, rec, clock = Doubler(), Recorder(), FakeClock()
+    runner.gate.clear()
+    b = await _started([runner], rec, clock, max_batch_size=8, max_queue_delay_us=0)
+    busy = asyncio.create_task(b.submit(items(0)))
+    await _wait_entered(runner)
+    expiring = asyncio.create_task(b.submit(items(7), deadline=clock.now + 1.0))
+    cancelled = asyncio.create_task(b.submit(items(8)))
+    kept = asyncio.create_task(b.submit(items(9)))
+    await asyncio.sleep(0.01)
+    cancelled.cancel()
+    clock.now += 5.0  # the deadline passes while the request is still queued
+    runner.gate.set()
+    assert (await kept).ravel().tolist() == [18]
+    with pytest.raises(DeadlineExceeded, match="not computed"):
+        await expiring
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    await busy
+    computed = sorted(float(v) for batch in runner.batches for v in batch.ravel())
+    assert computed == [0.0, 9.0]
+    assert sorted(reason for _, reason in rec.drops) == ["cancelled", "expired"]
+    assert b.queued_images == 0
+    await b.close()
+
+
+async def test_lone_request_waits_at_most_the_queue_delay() -> None:
+    runner = Doubler()
+    b = Batcher([runner], BatchingConfig(max_batch_size=8, max_queue_delay_us=20_000))
+    await b.start()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await b.submit(items(1))
+    assert loop.time() - start < 1.0  # 20 ms delay; loose bound, not a timing benchmark
+    await b.close()
+
+
+async def test_backend_error_resolves_every_caller() -> None:
+    class Broken:
+        def infer(self, batch: np.ndarray) -> np.ndarray:
+            raise RuntimeError("device lost")
+
+    b = await _started([Broken()], max_batch_size=4, max_queue_delay_us=0)
+    results = await asyncio.gather(*(b.submit(items(i)) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(r, InferenceFailed) and "device lost" in str(r) for r in results)
+    await b.close()
+
+
+async def test_wrong_output_count_is_an_error() -> None:
+    class Short:
+        def infer(self, batch: np.ndarray) -> np.ndarray:
+            return batch[:1]
+
+    b = await _started([Short()], max_batch_size=4, max_queue_delay_us=0)
+    with pytest.raises(InferenceFailed, match="returned 1 outputs for a batch of 2"):
+        await b.submit(items(1, 2))
+    await b.close()
+
+
+async def test_close_drains_accepted_work_then_refuses() -> None:
+    runner = Doubler()
+    runner.gate.clear()
+    b = await _started([runner, Doubler()], max_batch_size=2, max_queue_delay_us=0)
+    pending = [asyncio.create_task(b.submit(items(i))) for i in range(6)]
+    await _wait_entered(runner)
+    closing = asyncio.create_task(b.close(grace_s=5))
+    await asyncio.sleep(0.01)
+    with pytest.raises(Unavailable):
+        await b.submit(items(1))
+    runner.gate.set()
+    assert await closing is True
+    results = await asyncio.gather(*pending)
+    assert sorted(float(r[0, 0]) for r in results) == [0, 2, 4, 6, 8, 10]
+
+
+async def test_priority_orders_the_queue() -> None:
+    runner = Doubler()
+    runner.gate.clear()
+    b = await _started([runner], max_batch_size=1, max_queue_delay_us=0)
+    busy = asyncio.create_task(b.submit(items(0)))
+    await _wait_entered(runner)
+    low = asyncio.create_task(b.submit(items(1), priority=5))
+    high = asyncio.create_task(b.submit(items(2), priority=1))
+    await asyncio.sleep(0.01)
+    runner.gate.set()
+    await asyncio.gather(busy, low, high)
+    assert [float(x[0, 0]) for x in runner.batches] == [0, 2, 1]
+    await b.close()
