@@ -1,0 +1,140 @@
+"""`hrnet classify`: classify image files and folders through a running server.
+
+Images go over one ClassifyStream call with `--concurrency` of them at the server at once, so
+the server can batch them. One bad image costs only its own result; the exit status says
+whether everything succeeded (0), some images failed (1), or nothing could be done (2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import grpc
+from tqdm import tqdm
+
+from clients.channel import TlsConfig
+from clients.client import Client
+from clients.core import DEFAULT_TARGET, DEFAULT_TOP_K
+from clients.errors import ClientError
+from clients.images import find_images
+from clients.results import StreamResult
+from hrnet.cli import CommandError
+
+TOKEN_ENV = "HRNET_AUTH_TOKEN"  # the variable the server reads its token from
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "inputs", nargs="+", metavar="IMG_OR_DIR", help="image files and/or folders of images"
+    )
+    parser.add_argument("--server", default=DEFAULT_TARGET, metavar="HOST:PORT", help="default: %(default)s")
+    parser.add_argument("--model", default=None, help="model name (default: the server's default model)")
+    parser.add_argument(
+        "--top-k", type=int, default=DEFAULT_TOP_K, help="classes per image (default: %(default)s)"
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON object per image instead of tables")
+    parser.add_argument(
+        "--concurrency", type=int, default=8, help="images at the server at once (default: %(default)s)"
+    )
+    parser.add_argument("--timeout", type=float, default=None, metavar="S", help="deadline for the whole run")
+    security = parser.add_argument_group("security")
+    security.add_argument(
+        "--tls", action="store_true", help="connect with TLS (implied by --ca/--cert/--key)"
+    )
+    security.add_argument(
+        "--ca", type=Path, help="PEM file of the CA that signed the server (default: system)"
+    )
+    security.add_argument("--cert", type=Path, help="client certificate PEM, for mutual TLS")
+    security.add_argument("--key", type=Path, help="client private key PEM, for mutual TLS")
+    security.add_argument("--server-name", help="name to check the server certificate against")
+    security.add_argument(
+        "--token", help=f"auth token sent as 'authorization: Bearer' (default: ${TOKEN_ENV})"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.top_k < 1 or args.concurrency < 1:
+        raise CommandError(f"--top-k and --concurrency must be >= 1, got {args.top_k} and {args.concurrency}")
+    paths = find_images(args.inputs)
+    if not paths:
+        raise CommandError(f"no image files found in {' '.join(args.inputs)}")
+    show_bar = any(Path(p).is_dir() for p in args.inputs)
+    failed = 0
+    with (
+        _client(args) as client,
+        tqdm(total=len(paths), unit="img", disable=not show_bar, file=sys.stderr) as bar,
+    ):
+        results = client.classify_stream(
+            paths, top_k=args.top_k, model=args.model, max_in_flight=args.concurrency, timeout_s=args.timeout
+        )
+        try:
+            for result in results:
+                failed += not result.ok
+                text = (
+                    _json_line(paths[result.index], result)
+                    if args.json
+                    else _table(paths[result.index], result)
+                )
+                bar.write(text, file=sys.stdout)
+                bar.update()
+        except ClientError as exc:
+            raise CommandError(_explain(exc, args.server)) from None
+    if failed:
+        print(f"hrnet classify: {failed} of {len(paths)} images failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Client:
+    tls = None
+    if args.tls or args.ca or args.cert or args.key:
+        if (args.cert is None) != (args.key is None):
+            raise CommandError("mutual TLS needs both --cert and --key")
+        tls = TlsConfig(ca=args.ca, cert=args.cert, key=args.key, server_name=args.server_name)
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    try:
+        return Client(args.server, model=args.model, timeout_s=args.timeout, tls=tls, token=token)
+    except (ClientError, ValueError) as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _explain(error: ClientError, server: str) -> str:
+    hints = {
+        grpc.StatusCode.UNAVAILABLE: f"cannot reach the server at {server} (is `hrnet serve` running?)",
+        grpc.StatusCode.UNAUTHENTICATED: f"the server at {server} rejected the credentials (--token)",
+        grpc.StatusCode.DEADLINE_EXCEEDED: f"no answer from {server} within --timeout",
+    }
+    hint = hints.get(error.code)
+    return f"{hint}: {error}" if hint else f"{server}: {error}"
+
+
+def _table(path: Path, result: StreamResult) -> str:
+    c = result.classification
+    if c is None:
+        return f"{path}  ERROR {result.error}"
+    width = max(5, *(len(p.label) for p in c.predictions))
+    lines = [f"{path}  [{c.model_name} v{c.model_version}, {c.latency_s * 1000:.1f} ms]"]
+    lines.append(f"  {'rank':>4}  {'index':>5}  {'label':<{width}}  {'score':>7}")
+    for rank, p in enumerate(c.predictions, 1):
+        lines.append(f"  {rank:>4}  {p.index:>5}  {p.label:<{width}}  {p.score:>7.4f}")
+    return "\n".join(lines)
+
+
+def _json_line(path: Path, result: StreamResult) -> str:
+    c, error = result.classification, result.error
+    if c is None or error is not None:
+        code, message = (error.code.name, error.message) if error else ("UNKNOWN", "")
+        record: dict[str, object] = {"image": str(path), "error": {"code": code, "message": message}}
+    else:
+        record = {
+            "image": str(path),
+            "model": c.model_name,
+            "version": c.model_version,
+            "latency_ms": round(c.latency_s * 1000, 3),
+            "predictions": [{"index": p.index, "label": p.label, "score": p.score} for p in c.predictions],
+        }
+    return json.dumps(record)

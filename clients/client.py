@@ -1,0 +1,237 @@
+"""The blocking client: one channel, safe to share between threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar, overload
+
+import grpc
+import numpy as np
+
+from clients.channel import DEFAULT_MAX_MESSAGE_BYTES, TlsConfig
+from clients.core import (
+    CLASSIFY_STREAM,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT_S,
+    DEFAULT_TOP_K,
+    RPCS,
+    ClientCore,
+    StreamOrder,
+    UnaryCall,
+)
+from clients.errors import ClientError
+from clients.images import ImageInput, as_list, is_single
+from clients.results import Classification, Health, InferResult, ModelInfo, StreamResult
+from clients.retry import RetryPolicy
+
+T = TypeVar("T")
+
+
+class Client:
+    """Classify images with an hrnet server.
+
+    >>> with Client("127.0.0.1:8001") as client:
+    ...     print(client.classify("cat.jpg").label)
+
+    Every method takes `timeout_s` (the call's deadline, retries included; default: the client's)
+    and raises `ClientError` on failure. gRPC channels multiplex calls and are thread-safe, so
+    one client serves a whole process.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        model: str | None = None,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
+        retry: RetryPolicy | None = None,
+        tls: TlsConfig | None = None,
+        token: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self._core = ClientCore(
+            target,
+            model=model,
+            timeout_s=timeout_s,
+            retry=retry or RetryPolicy(),
+            tls=tls,
+            token=token,
+            max_message_bytes=max_message_bytes,
+        )
+        core = self._core
+        if core.credentials is None:
+            self._channel = grpc.insecure_channel(target, options=core.options)
+        else:
+            self._channel = grpc.secure_channel(target, core.credentials, options=core.options)
+        self._methods: dict[str, Any] = {}
+        for rpc in RPCS:
+            factory = self._channel.stream_stream if rpc.streaming else self._channel.unary_unary
+            self._methods[rpc.path] = factory(
+                rpc.path,
+                request_serializer=rpc.request_serializer,
+                response_deserializer=rpc.response_deserializer,
+            )
+        self._input_names: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # --- API -----------------------------------------------------------------------------------
+
+    @overload
+    def classify(
+        self, images: ImageInput, *, top_k: int = ..., model: str | None = ..., timeout_s: float | None = ...
+    ) -> Classification: ...
+
+    @overload
+    def classify(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        top_k: int = ...,
+        model: str | None = ...,
+        timeout_s: float | None = ...,
+    ) -> list[Classification]: ...
+
+    def classify(
+        self,
+        images: ImageInput | Iterable[ImageInput],
+        *,
+        top_k: int = DEFAULT_TOP_K,
+        model: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Classification | list[Classification]:
+        """Top-k classes of one image (returns one result) or of many (returns a list, same order).
+
+        Many images go in one request, so the server batches them together; if any of them is
+        bad the whole call fails with INVALID_ARGUMENT. Use `classify_stream` to get per-image
+        errors instead.
+        """
+        results = self._unary(self._core.classify_call(as_list(images), top_k, model), timeout_s)
+        return results[0] if is_single(images) else results
+
+    def classify_stream(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        top_k: int = DEFAULT_TOP_K,
+        model: str | None = None,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        timeout_s: float | None = None,
+    ) -> Iterator[StreamResult]:
+        """Classify an iterable of images over one streaming call, results in input order.
+
+        At most `max_in_flight` images are at the server at once (the server batches them); the
+        iterable is read lazily, so it can be endless. A bad image yields a `StreamResult` with
+        `error` set and the stream goes on; a failure of the stream itself raises `ClientError`.
+        Streams are not retried; `timeout_s` (default: none) bounds the whole stream.
+        """
+        self._core.check_stream_args(top_k, max_in_flight)
+        order = StreamOrder()
+        slots = threading.Semaphore(max_in_flight)
+        stopped = threading.Event()
+
+        failure: list[Exception] = []  # raised by the caller's iterable or a wrong image type
+
+        def requests() -> Iterator[Any]:
+            # Runs on a gRPC thread: exceptions are carried back to the caller, not raised here.
+            try:
+                for image in images:
+                    while not slots.acquire(timeout=0.1):
+                        if stopped.is_set():
+                            return
+                    index = order.register()
+                    try:
+                        request = self._core.stream_request(index, image, top_k, model)
+                    except ClientError as exc:
+                        order.fail_locally(index, exc)
+                        slots.release()
+                        continue
+                    yield request
+            except Exception as exc:
+                failure.append(exc)
+
+        call = self._methods[CLASSIFY_STREAM.path](
+            requests(), timeout=timeout_s, metadata=self._core.metadata
+        )
+        try:
+            for response in call:
+                order.receive(response)
+                slots.release()
+                yield from order.ready()
+            if failure:
+                raise failure[0]
+            yield from order.finish()
+        except grpc.RpcError as exc:
+            raise ClientError.from_rpc_error(exc) from None
+        finally:
+            stopped.set()
+            call.cancel()
+
+    def infer(
+        self, tensor: np.ndarray, *, model: str | None = None, timeout_s: float | None = None
+    ) -> InferResult:
+        """Run the model on a preprocessed FP32/FP16 NCHW batch through KServe ModelInfer.
+
+        The tensor travels as raw little-endian bytes; the result holds the raw outputs (logits).
+        The input's name comes from the model's metadata, fetched once per model.
+        """
+        input_name = self._input_name(model, timeout_s)
+        return self._unary(self._core.infer_call(tensor, input_name, model), timeout_s)
+
+    def model_metadata(self, *, model: str | None = None, timeout_s: float | None = None) -> ModelInfo:
+        return self._unary(self._core.model_metadata_call(model), timeout_s)
+
+    def server_ready(self, *, timeout_s: float | None = None) -> bool:
+        return self._unary(self._core.server_ready_call(), timeout_s)
+
+    def health(self, *, model: str | None = None, timeout_s: float | None = None) -> Health:
+        """Liveness, readiness and the model's readiness in one answer."""
+        return Health(
+            live=self._unary(self._core.server_live_call(), timeout_s),
+            ready=self._unary(self._core.server_ready_call(), timeout_s),
+            model_ready=self._unary(self._core.model_ready_call(model), timeout_s),
+        )
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    def _input_name(self, model: str | None, timeout_s: float | None) -> str:
+        key = self._core.model_name(model)
+        with self._lock:
+            name = self._input_names.get(key)
+        if name is None:
+            info = self.model_metadata(model=model, timeout_s=timeout_s)
+            name = self._core.input_name(info)
+            with self._lock:
+                self._input_names[key] = name
+        return name
+
+    def _unary(self, call: UnaryCall[T], timeout_s: float | None) -> T:
+        deadline = self._core.deadline(timeout_s)
+        method = self._methods[call.rpc.path]
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.perf_counter()
+            try:
+                response = method(call.request, timeout=deadline.remaining_s(), metadata=self._core.metadata)
+            except grpc.RpcError as exc:
+                error = ClientError.from_rpc_error(exc)
+                wait_s = self._core.retry_wait_s(call, attempt, error, deadline)
+                if wait_s is None:
+                    raise error from None
+                time.sleep(wait_s)
+                continue
+            return call.parse(response, time.perf_counter() - started)
