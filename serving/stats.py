@@ -1,0 +1,90 @@
+"""Cumulative per-model statistics in the shape of KServe's ModelStatistics (Triton's tools read them).
+
+Also the batcher's listener: every executed batch and every dropped request is counted here and
+forwarded to Prometheus, so the RPC and the metrics never disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections import Counter as Tally
+from dataclasses import dataclass, field
+
+from serving.batcher import BatchRecord
+from serving.metrics import ServerMetrics
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.count += count
+        self.ns += int(seconds * 1e9)
+
+
+@dataclass
+class ModelStats:
+    name: str
+    version: str
+    metrics: ServerMetrics | None = None
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    inference_count: int = 0  # images computed
+    execution_count: int = 0  # batches executed
+    last_inference_ms: int = 0
+    batches: dict[int, Duration] = field(default_factory=dict)  # batch size -> executions
+    drops: Tally[str] = field(default_factory=Tally)  # images dropped before compute, by reason
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def snapshot(self) -> ModelStats:
+        """A consistent copy for reporting (the batcher's callbacks may run meanwhile)."""
+        with self._lock:
+            return dataclasses.replace(
+                self,
+                metrics=None,
+                success=dataclasses.replace(self.success),
+                fail=dataclasses.replace(self.fail),
+                queue=dataclasses.replace(self.queue),
+                compute_infer=dataclasses.replace(self.compute_infer),
+                batches={k: dataclasses.replace(v) for k, v in self.batches.items()},
+                drops=Tally(self.drops),
+                _lock=threading.Lock(),
+            )
+
+    def batch_done(self, record: BatchRecord) -> None:
+        with self._lock:
+            for waited in record.queue_s:
+                self.queue.add(waited)
+            if record.ok:
+                self.execution_count += 1
+                self.inference_count += record.size
+                self.compute_infer.add(record.compute_s * record.requests, record.requests)
+                self.batches.setdefault(record.size, Duration()).add(record.compute_s)
+                self.last_inference_ms = int(time.time() * 1000)
+        if self.metrics:
+            labels = (self.name, self.version)
+            for waited in record.queue_s:
+                self.metrics.queue_seconds.labels(*labels).observe(waited)
+            if record.ok:
+                self.metrics.compute_seconds.labels(*labels).observe(record.compute_s)
+                self.metrics.batch_size.labels(*labels).observe(record.size)
+                self.metrics.images.labels(*labels).inc(record.size)
+
+    def dropped(self, images: int, reason: str) -> None:
+        with self._lock:
+            self.drops[reason] += images
+        if self.metrics:
+            self.metrics.dropped.labels(self.name, self.version, reason).inc(images)
+
+    def request_done(self, code: str, seconds: float) -> None:
+        with self._lock:
+            (self.success if code == "OK" else self.fail).add(seconds)
+        if self.metrics:
+            self.metrics.requests.labels(self.name, self.version, code).inc()
+            self.metrics.request_seconds.labels(self.name, self.version).observe(seconds)
