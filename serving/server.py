@@ -44,7 +44,21 @@ class Server:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port = -1
-        limit = config.max_message_bytes
+        self._grpc: grpc.aio.Server | None = None  # made in start(): it binds to the running loop
+
+    @property
+    def address(self) -> str:
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "", "[::]") else self.config.host
+        return f"{host}:{self.port}"
+
+    async def _set_health(self, status: int, names: list[str]) -> None:
+        for name in ("", *SERVICES, *names):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        """Bind, load every model, start batching; raises ModelLoadError and leaves nothing running."""
+        cfg = self.config
+        limit = cfg.max_message_bytes
         self._grpc = grpc.aio.server(
             options=[
                 ("grpc.max_send_message_length", limit),
@@ -61,20 +75,10 @@ class Server:
             (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._grpc,
         )
-
-    @property
-    def address(self) -> str:
-        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "", "[::]") else self.config.host
-        return f"{host}:{self.port}"
-
-    async def _set_health(self, status: int, names: list[str]) -> None:
-        for name in ("", *SERVICES, *names):
-            await self.health.set(name, status)
-
-    async def start(self) -> None:
-        """Bind, load every model, start batching; raises ModelLoadError and leaves nothing running."""
-        cfg = self.config
-        self.port = self._grpc.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        try:
+            self.port = self._grpc.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        except RuntimeError:
+            self.port = 0
         if not self.port:
             raise ModelLoadError(f"cannot listen on {cfg.host}:{cfg.port} (in use or not permitted)")
         await self._set_health(NOT_SERVING, [])
@@ -107,6 +111,8 @@ class Server:
 
     async def stop(self, grace_s: float | None = None) -> bool:
         """Drain and stop. True when all accepted work finished within the grace period."""
+        if self._grpc is None:
+            return True
         grace_s = self.config.grace_period_s if grace_s is None else grace_s
         started = time.monotonic()
         await self._set_health(NOT_SERVING, self.plane.names())
