@@ -15,6 +15,7 @@ from pathlib import Path
 
 import mindspore as ms
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from mindspore import nn, ops
@@ -30,6 +31,7 @@ from training.export import (
     read_onnx_metadata,
 )
 from training.model import create_model
+from training.onnx_graph import BakedBatchError, finish_graph
 
 ARCH = "w18_small_v1"
 CLASSES = 10
@@ -186,6 +188,37 @@ def test_network_and_metadata_must_agree(tmp_path):
         export_network(
             create_model(ARCH, CLASSES), replace(META, num_classes=5, labels=()), "ONNX", tmp_path / "m.onnx"
         )
+
+
+def _tiny_graph(reshape_to: list[int]) -> onnx.ModelProto:
+    """image [N, 4] -> Reshape(constant shape) -> logits: the smallest graph that can bake a batch."""
+    shape = onnx.numpy_helper.from_array(np.array(reshape_to, np.int64), "shape")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Reshape", ["image", "shape"], ["logits"])],
+        "tiny",
+        [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [2, 4])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [2, 4])],
+        initializer=[shape],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 11)])
+
+
+def test_a_graph_that_bakes_the_batch_is_refused(tmp_path):
+    meta = ModelMetadata(arch=ARCH, num_classes=4, input_size=SIZE)
+    with pytest.raises(BakedBatchError, match=r"logits \(batch fixed to 2\).*Reshape"):
+        finish_graph(_tiny_graph([2, 4]), meta, batch=None)
+    free = finish_graph(_tiny_graph([-1, 4]), meta, batch=None)
+    path = tmp_path / "free.onnx"
+    onnx.save(free, str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"image": np.ones((5, 4), np.float32)})[0].shape == (5, 4)
+    assert read_onnx_metadata(path) == meta
+
+
+def test_foreign_onnx_has_no_metadata(tmp_path):
+    path = tmp_path / "foreign.onnx"
+    onnx.save(_tiny_graph([-1, 4]), str(path))
+    assert read_onnx_metadata(path) is None
 
 
 @pytest.mark.skipif(
