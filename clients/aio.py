@@ -68,7 +68,7 @@ class AsyncClient:
         )
         self._channel: grpc.aio.Channel | None = None
         self._methods: dict[str, Any] = {}
-        self._input_names: dict[str, str] = {}
+        self._model_infos: dict[str, ModelInfo] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -178,10 +178,9 @@ class AsyncClient:
         self, tensor: np.ndarray, *, model: str | None = None, timeout_s: float | None = None
     ) -> InferResult:
         key = self._core.model_name(model)
-        if key not in self._input_names:
-            info = await self.model_metadata(model=model, timeout_s=timeout_s)
-            self._input_names[key] = self._core.input_name(info)
-        return await self._unary(self._core.infer_call(tensor, self._input_names[key], model), timeout_s)
+        if key not in self._model_infos:
+            self._model_infos[key] = await self.model_metadata(model=model, timeout_s=timeout_s)
+        return await self._unary(self._core.infer_call(tensor, self._model_infos[key]), timeout_s)
 
     async def model_metadata(self, *, model: str | None = None, timeout_s: float | None = None) -> ModelInfo:
         return await self._unary(self._core.model_metadata_call(model), timeout_s)

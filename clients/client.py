@@ -74,7 +74,7 @@ class Client:
                 request_serializer=rpc.request_serializer,
                 response_deserializer=rpc.response_deserializer,
             )
-        self._input_names: dict[str, str] = {}
+        self._model_infos: dict[str, ModelInfo] = {}
         self._lock = threading.Lock()
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -186,10 +186,9 @@ class Client:
         """Run the model on a preprocessed FP32/FP16 NCHW batch through KServe ModelInfer.
 
         The tensor travels as raw little-endian bytes; the result holds the raw outputs (logits).
-        The input's name comes from the model's metadata, fetched once per model.
+        The model's name and input come from its metadata, fetched once per model.
         """
-        input_name = self._input_name(model, timeout_s)
-        return self._unary(self._core.infer_call(tensor, input_name, model), timeout_s)
+        return self._unary(self._core.infer_call(tensor, self._model_info(model, timeout_s)), timeout_s)
 
     def model_metadata(self, *, model: str | None = None, timeout_s: float | None = None) -> ModelInfo:
         return self._unary(self._core.model_metadata_call(model), timeout_s)
@@ -207,16 +206,15 @@ class Client:
 
     # --- plumbing ------------------------------------------------------------------------------
 
-    def _input_name(self, model: str | None, timeout_s: float | None) -> str:
+    def _model_info(self, model: str | None, timeout_s: float | None) -> ModelInfo:
         key = self._core.model_name(model)
         with self._lock:
-            name = self._input_names.get(key)
-        if name is None:
+            info = self._model_infos.get(key)
+        if info is None:
             info = self.model_metadata(model=model, timeout_s=timeout_s)
-            name = self._core.input_name(info)
             with self._lock:
-                self._input_names[key] = name
-        return name
+                self._model_infos[key] = info
+        return info
 
     def _unary(self, call: UnaryCall[T], timeout_s: float | None) -> T:
         deadline = self._core.deadline(timeout_s)

@@ -158,15 +158,6 @@ class ClientCore:
             )
         return wait_s
 
-    @staticmethod
-    def input_name(info: ModelInfo) -> str:
-        if len(info.inputs) != 1:
-            raise ClientError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"model {info.name!r} has {len(info.inputs)} inputs; infer() sends one image tensor",
-            )
-        return info.inputs[0].name
-
     # --- Classify ----------------------------------------------------------------------------
 
     def classify_call(
@@ -222,10 +213,19 @@ class ClientCore:
         request = kpb.ModelMetadataRequest(name=self.model_name(model))
         return UnaryCall(MODEL_METADATA, request, _model_info)
 
-    def infer_call(self, tensor: np.ndarray, input_name: str, model: str | None) -> UnaryCall[InferResult]:
+    @staticmethod
+    def infer_call(tensor: np.ndarray, info: ModelInfo) -> UnaryCall[InferResult]:
+        """ModelInfer for the model `info` describes (from model_metadata: its name and input)."""
         tensor = _check_tensor(tensor)
-        request = kpb.ModelInferRequest(model_name=self.model_name(model))
-        request.inputs.add(name=input_name, datatype=_INFER_INPUT_DTYPES[tensor.dtype], shape=tensor.shape)
+        if len(info.inputs) != 1:
+            raise ClientError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model {info.name!r} has {len(info.inputs)} inputs; infer() sends one image tensor",
+            )
+        request = kpb.ModelInferRequest(model_name=info.name)
+        request.inputs.add(
+            name=info.inputs[0].name, datatype=_INFER_INPUT_DTYPES[tensor.dtype], shape=tensor.shape
+        )
         request.raw_input_contents.append(tensor.astype(tensor.dtype.newbyteorder("<"), copy=False).tobytes())
         return UnaryCall(MODEL_INFER, request, _infer_result)
 
