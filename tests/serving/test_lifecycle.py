@@ -1,0 +1,125 @@
+"""The `hrnet serve` process: clear start-up errors and a SIGTERM drain that loses nothing accepted."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import grpc_service_pb2 as pb
+from protos import grpc_service_pb2_grpc as pb_grpc
+
+HRNET = [sys.executable, "-m", "hrnet"]
+
+
+def _serve(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "HRNET_LOG_FORMAT": "json"}
+    return subprocess.Popen([*HRNET, "serve", *args], stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_serving(proc: subprocess.Popen, lines: queue.Queue) -> str:
+    def pump() -> None:
+        for line in proc.stderr:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            assert proc.poll() is None, f"hrnet serve exited with {proc.returncode}"
+            continue
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if entry["msg"] == "serving":
+                return entry["address"]
+    raise AssertionError("hrnet serve did not report `serving` in time")
+
+
+def _request(pngs: list[bytes]) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="hrnet")
+    request.inputs.add(name="image", datatype="BYTES", shape=[len(pngs)])
+    request.raw_input_contents.append(b"".join(struct.pack("<I", len(p)) + p for p in pngs))
+    return request
+
+
+def test_sigterm_drains_accepted_work_then_exits_0(model_repo, digit_images, tmp_path) -> None:
+    repo = tmp_path / "repo"
+    (repo / "hrnet" / "1").mkdir(parents=True)
+    shutil.copy(model_repo.onnx, repo / "hrnet" / "1" / "model.onnx")
+    (repo / "hrnet" / "config.yaml").write_text("batching:\n  max_batch_size: 8\n  max_queue_size: 1024\n")
+    proc = _serve("--repo", str(repo), "--port", "0", "--metrics-port", "-1", "--host", "127.0.0.1")
+    lines: queue.Queue = queue.Queue()
+    try:
+        address = _wait_serving(proc, lines)
+        pngs = [d.png for d in digit_images]
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            with ThreadPoolExecutor(24) as pool:
+                # 24 requests x 8 images: about a second of compute on this machine, queued at once.
+                calls = [
+                    pool.submit(stub.ModelInfer, _request(pngs[i : i + 8]), timeout=60) for i in range(24)
+                ]
+                time.sleep(0.3)
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.1)
+                status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.ModelInfer(_request(pngs[:1]), timeout=5)
+                results = [c.result() for c in calls]
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert all(len(r.raw_output_contents[0]) == 8 * 10 * 4 for r in results)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda d: d / "missing.onnx", "does not exist"),
+        (lambda d: (d / "broken.onnx").write_bytes(b"not a model") and d / "broken.onnx", "cannot load"),
+    ],
+    ids=["missing", "corrupt"],
+)
+def test_bad_model_is_a_clear_error_and_exit_2(tmp_path: Path, setup, message: str) -> None:
+    path = setup(tmp_path)
+    proc = subprocess.run(
+        [*HRNET, "serve", "--model", str(path), "--port", "0", "--metrics-port", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr and str(path) in proc.stderr
+
+
+def test_bad_setting_is_a_clear_error(tmp_path: Path) -> None:
+    config = tmp_path / "server.yaml"
+    config.write_text("model_defaults:\n  batching:\n    max_batch_size: 0\n")
+    proc = subprocess.run(
+        [*HRNET, "serve", "--config", str(config), "--model", "x.onnx"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "max_batch_size must be >= 1, got 0" in proc.stderr
