@@ -59,11 +59,14 @@ def _version_key(path: Path) -> int:
 
 
 def single_model(path: Path, name: str, config: ModelConfig) -> ModelSource:
-    """`hrnet serve --model file.onnx`: one model, version 1, named after the file."""
+    """`hrnet serve --model file.onnx`: one model, version 1, named after the file (or its model folder)."""
     if not path.is_file():
         raise ModelLoadError(f"model file {path} does not exist")
     if not name:
-        name = path.parent.name if path.stem == "model" and NAME.match(path.parent.name) else path.stem
+        name = path.stem
+        if name == "model":  # REPO/<model>/<version>/model.onnx or <model>/model.onnx
+            folder = path.parent.parent if path.parent.name.isdigit() else path.parent
+            name = folder.name
     if not NAME.match(name):
         raise ModelLoadError(f"model name {name!r}: use letters, digits, '_', '-' and '.' (--model-name)")
     return ModelSource(name, "1", path, config)

@@ -1,0 +1,51 @@
+"""The model repository layout and the metadata a model is served with."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from serving.backends import open_backend
+from serving.config import ModelConfig
+from serving.errors import ModelLoadError
+from serving.repository import resolve_metadata, scan_repository, single_model
+
+
+def test_versions_configs_and_layout_errors(model_repo, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    for version in ("1", "10", "2"):
+        (repo / "a" / version).mkdir(parents=True)
+        shutil.copy(model_repo.onnx, repo / "a" / version / "model.onnx")
+    (repo / "a" / "config.yaml").write_text("instances: 2\n")
+    sources = scan_repository(repo, ModelConfig())
+    assert [(s.name, s.version) for s in sources] == [("a", "1"), ("a", "2"), ("a", "10")]
+    assert all(s.config.instances == 2 for s in sources)
+
+    (repo / "b" / "1").mkdir(parents=True)
+    with pytest.raises(
+        ModelLoadError, match=r"b/1: expected exactly one of model.onnx, model.mindir, found none"
+    ):
+        scan_repository(repo, ModelConfig())
+    with pytest.raises(ModelLoadError, match="is not a directory"):
+        scan_repository(tmp_path / "nope", ModelConfig())
+
+
+def test_single_model_named_after_the_file(model_repo) -> None:
+    assert single_model(model_repo.onnx, "", ModelConfig()).name == "hrnet"  # hrnet/1/model.onnx
+    assert single_model(model_repo.plain, "custom", ModelConfig()).name == "custom"
+
+
+def test_foreign_onnx_gets_defaults_and_config_overrides(model_repo) -> None:
+    backend = open_backend(model_repo.plain, ModelConfig())
+    meta = resolve_metadata(backend, ModelConfig())
+    assert (meta.input_size, meta.num_classes, meta.labels) == (16, 5, ())
+    assert meta.mean == (0.485, 0.456, 0.406) and meta.label(3) == "3"
+    custom = ModelConfig(labels=("a", "b", "c", "d", "e"), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    meta = resolve_metadata(backend, custom)
+    assert meta.label(4) == "e" and meta.mean == (0.5, 0.5, 0.5)
+    with pytest.raises(ModelLoadError, match="3 labels given for num_classes=5"):
+        resolve_metadata(backend, ModelConfig(labels=("a", "b", "c")))
+    with pytest.raises(ModelLoadError, match="input height is 16 but the preprocessing input_size is 24"):
+        resolve_metadata(backend, ModelConfig(input_size=24))
