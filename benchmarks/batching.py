@@ -1,0 +1,150 @@
+"""Throughput and latency with and without dynamic batching, at a fixed client concurrency.
+
+Starts a real `hrnet serve` process per setting on 127.0.0.1 (batching off: `max_batch_size`
+1; on: the given size and delay), drives it with `concurrency` asyncio callers that each send
+one preprocessed FP32 image per ModelInfer (raw bytes, so client-side serialization is
+negligible) and reports img/s and latency percentiles. Load stays on 127.0.0.1 and is bounded
+by `requests`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from protos import grpc_service_pb2 as pb
+from protos import grpc_service_pb2_grpc as pb_grpc
+
+
+@dataclass(frozen=True)
+class Measurement:
+    setting: str
+    images: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    mean_batch: float  # images per executed batch, from the server's ModelStatistics
+
+    @property
+    def throughput(self) -> float:
+        return self.images / self.seconds
+
+
+def start_server(model: Path, *flags: str, timeout_s: float = 120) -> tuple[subprocess.Popen, str]:
+    """`hrnet serve --model MODEL FLAGS` on a free port; returns the process and its address."""
+    cmd = [sys.executable, "-m", "hrnet", "serve", "--model", str(model), "--host", "127.0.0.1"]
+    cmd += ["--port", "0", "--metrics-port", "-1", "--log-format", "json", *flags]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ})
+    deadline = time.monotonic() + timeout_s
+    assert proc.stderr is not None
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            raise RuntimeError(f"hrnet serve exited with {proc.wait()} before serving")
+        if line.startswith("{") and json.loads(line).get("msg") == "serving":
+            return proc, json.loads(line)["address"]
+    proc.kill()
+    raise RuntimeError("hrnet serve did not start in time")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def drive(
+    address: str, model: str, concurrency: int, requests: int
+) -> tuple[list[float], float, float]:
+    """Send `requests` single-image requests from `concurrency` callers; latencies and batch stats."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name=model))
+        shape = [1, *meta.inputs[0].shape[1:]]
+        rng = np.random.default_rng(0)
+        payloads = [rng.normal(0, 1, shape).astype(np.float32).tobytes() for _ in range(32)]
+
+        def request(i: int) -> pb.ModelInferRequest:
+            r = pb.ModelInferRequest(model_name=model)
+            r.inputs.add(name=meta.inputs[0].name, datatype="FP32", shape=shape)
+            r.raw_input_contents.append(payloads[i % len(payloads)])
+            return r
+
+        for i in range(concurrency):  # warm up: sessions, threads, connections
+            await stub.ModelInfer(request(i))
+        before = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name=model))).model_stats[0]
+        latencies: list[float] = []
+        counter = iter(range(requests))
+
+        async def caller() -> None:
+            for i in counter:
+                start = time.perf_counter()
+                await stub.ModelInfer(request(i))
+                latencies.append(time.perf_counter() - start)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+        after = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name=model))).model_stats[0]
+        executions = after.execution_count - before.execution_count
+        mean_batch = (after.inference_count - before.inference_count) / max(1, executions)
+        return latencies, elapsed, mean_batch
+
+
+def measure(model: Path, setting: str, flags: list[str], concurrency: int, requests: int) -> Measurement:
+    proc, address = start_server(model, *flags)
+    try:
+        name = (
+            model.parent.parent.name if model.stem == "model" and model.parent.name.isdigit() else model.stem
+        )
+        latencies, elapsed, mean_batch = asyncio.run(drive(address, name, concurrency, requests))
+    finally:
+        stop_server(proc)
+    ms = np.array(latencies) * 1e3
+    return Measurement(
+        setting,
+        len(latencies),
+        elapsed,
+        float(np.percentile(ms, 50)),
+        float(np.percentile(ms, 99)),
+        mean_batch,
+    )
+
+
+def compare(
+    model: Path, concurrency: int = 16, requests: int = 800, max_batch_size: int = 16, delay_us: int = 2000
+) -> list[Measurement]:
+    """The same load without batching (max_batch_size 1) and with it."""
+    off = ["--max-batch-size", "1", "--max-queue-delay-us", "0"]
+    on = ["--max-batch-size", str(max_batch_size), "--max-queue-delay-us", str(delay_us)]
+    return [
+        measure(model, "no batching", off, concurrency, requests),
+        measure(model, f"batching {max_batch_size} / {delay_us} us", on, concurrency, requests),
+    ]
+
+
+def report(results: list[Measurement], concurrency: int) -> str:
+    lines = [
+        f"concurrency {concurrency}, one image per request",
+        f"{'setting':<28} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>11}",
+    ]
+    for r in results:
+        lines.append(
+            f"{r.setting:<28} {r.throughput:>8.1f} {r.p50_ms:>8.1f} {r.p99_ms:>8.1f} {r.mean_batch:>11.2f}"
+        )
+    if len(results) == 2 and results[0].throughput:
+        lines.append(f"speed-up from batching: {results[1].throughput / results[0].throughput:.2f}x")
+    return "\n".join(lines)
