@@ -92,6 +92,7 @@ def export_network(
     if classes != metadata.num_classes:
         raise ExportError(f"the network has {classes} classes but the metadata says {metadata.num_classes}")
     metadata = replace(metadata, exporter=exporter_version())
+    log.info("exporting %s as %s (batch %s)", metadata.arch, name, batch or "dynamic")
     with _eval_mode(net):
         if name == "ONNX":
             _export_onnx(net, metadata, out, batch, force)
