@@ -25,6 +25,8 @@ from serving.repository import ModelSource, resolve_metadata
 from serving.stats import ModelStats
 
 log = logging.getLogger(__name__)
+# KServe priority levels: 1 is the highest; a request without one (0) queues after all levels.
+DEFAULT_PRIORITY = 1 << 31
 
 
 @dataclass
@@ -220,7 +222,7 @@ class DataPlane:
             in_flight.inc()
         try:
             batch = await prepare()
-            return await model.batcher.submit(batch, deadline, priority)
+            return await model.batcher.submit(batch, deadline, priority or DEFAULT_PRIORITY)
         except ServingError as exc:
             code = exc.code
             raise
