@@ -139,6 +139,11 @@ class Batcher:
         n = int(items.shape[0]) if items.ndim else 0
         if n < 1:
             raise InvalidArgument(f"a request needs at least one item, got shape {list(items.shape)}")
+        if n > self.config.max_queue_size:  # could never be queued: the request, not the load, is wrong
+            raise InvalidArgument(
+                f"a request of {n} items exceeds max_queue_size {self.config.max_queue_size}; "
+                "send fewer per request"
+            )
         if self._queued_images + n > self.config.max_queue_size:
             raise QueueFull(self._queued_images, n, self.config.max_queue_size)
         now = self._clock()

@@ -10,7 +10,7 @@ import pytest
 
 from serving.batcher import Batcher, BatchRecord
 from serving.config import BatchingConfig
-from serving.errors import DeadlineExceeded, InferenceFailed, QueueFull, Unavailable
+from serving.errors import DeadlineExceeded, InferenceFailed, InvalidArgument, QueueFull, Unavailable
 
 
 class FakeClock:
@@ -113,6 +113,8 @@ async def test_queue_full_fails_fast() -> None:
     await asyncio.sleep(0)
     with pytest.raises(QueueFull, match=r"3 image\(s\) queued \+ 2 requested > max_queue_size 4"):
         await b.submit(items(4, 5))
+    with pytest.raises(InvalidArgument, match="request of 5 items exceeds max_queue_size 4"):
+        await b.submit(items(*range(5)))
     runner.gate.set()
     await asyncio.gather(busy, queued)
     await b.close()
