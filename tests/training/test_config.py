@@ -95,7 +95,7 @@ def test_bad_keys_and_values_are_reported(tmp_path):
     with pytest.raises(ConfigError, match="learning_rate"):
         load_config(bad)
     with pytest.raises(ConfigError, match="optimizer"):
-        load_config(None, {"optimizer": "adam"})
+        load_config(None, {"optimizer": "lamb"})
     with pytest.raises(ConfigError, match="batch_size"):
         load_config(None, {"batch_size": "many"})
     with pytest.raises(ConfigError, match="not found"):
