@@ -51,5 +51,8 @@ def test_tritonclient_grpc_works_unchanged(grpc_server, model_repo, digit_images
         assert [int(item.split(":")[1]) for item in ranked] == best.tolist()
         assert ranked[0].split(":")[2] == f"digit-{best[0]}"
     np.testing.assert_allclose(np.array(seen["bytes_logits"])[0], expected[0], rtol=1e-4, atol=1e-5)
-    assert int(seen["statistics"]["model_stats"][0]["inference_count"]) >= 7
+    assert sorted(seen["stream"]) == ["s0", "s1", "s2"]
+    for i in range(3):
+        np.testing.assert_allclose(np.array(seen["stream"][f"s{i}"]), expected[i], rtol=1e-4, atol=1e-5)
+    assert int(seen["statistics"]["model_stats"][0]["inference_count"]) >= 10
     assert seen["missing"] == "StatusCode.NOT_FOUND"

@@ -37,6 +37,22 @@ def main(address: str, batch_file: str, png_file: str) -> None:
     with open(png_file, "rb") as handle:
         png.set_data_from_numpy(np.array([handle.read()], dtype=np.object_))
     out["bytes_logits"] = client.infer("hrnet", [png]).as_numpy("logits").tolist()
+    streamed: list[tuple[str, object]] = []
+
+    def on_result(result, error) -> None:
+        streamed.append(
+            ("error", str(error))
+            if error
+            else (result.get_response().id, result.as_numpy("logits")[0].tolist())
+        )
+
+    client.start_stream(callback=on_result)
+    for i in range(3):
+        single = tc.InferInput("image", [1, *batch.shape[1:]], "FP32")
+        single.set_data_from_numpy(batch[i : i + 1])
+        client.async_stream_infer("hrnet", [single], request_id=f"s{i}")
+    client.stop_stream()
+    out["stream"] = dict(streamed)
     out["statistics"] = client.get_inference_statistics("hrnet", as_json=True)
     try:
         client.get_model_metadata("missing")
