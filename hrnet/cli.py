@@ -40,7 +40,9 @@ COMMANDS: dict[str, Command] = {
     "convert": Command("training.convert", "train", "convert official PyTorch/timm HRNet weights"),
     "serve": Command("serving.cli", "serve", "run the gRPC inference server"),
     "classify": Command("clients.cli", "", "classify images through a running server"),
-    "bench": Command("benchmarks.cli", "serve", "measure throughput, latency and accuracy through the server"),
+    "bench": Command(
+        "benchmarks.cli", "serve", "measure throughput, latency and accuracy through the server"
+    ),
     "demo": Command("hrnet.demo", "serve,train", "the whole job end to end on the bundled digits set"),
 }
 
@@ -71,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         if exc.name and not exc.name.startswith(("training", "serving", "clients", "benchmarks", "hrnet")):
             hint = f"pip install 'hrnet[{command.extra}]'" if command.extra else "pip install hrnet"
-            print(f"hrnet {name}: needs the package {exc.name!r}, not installed here ({hint})", file=sys.stderr)
+            print(
+                f"hrnet {name}: needs the package {exc.name!r}, not installed here ({hint})", file=sys.stderr
+            )
             return 2
         raise
     parser = argparse.ArgumentParser(prog=f"hrnet {name}", description=command.help)

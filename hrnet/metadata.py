@@ -60,11 +60,15 @@ class ModelMetadata:
         if self.resize_size == 0:
             object.__setattr__(self, "resize_size", default_resize(self.input_size))
         if self.resize_size < self.input_size:
-            raise MetadataError(f"resize_size {self.resize_size} is smaller than input_size {self.input_size}")
+            raise MetadataError(
+                f"resize_size {self.resize_size} is smaller than input_size {self.input_size}"
+            )
         if self.labels and len(self.labels) != self.num_classes:
             raise MetadataError(f"{len(self.labels)} labels given for num_classes={self.num_classes}")
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
-            raise MetadataError(f"mean and std need 3 values each, std > 0; got mean={self.mean} std={self.std}")
+            raise MetadataError(
+                f"mean and std need 3 values each, std > 0; got mean={self.mean} std={self.std}"
+            )
         object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
         object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
         object.__setattr__(self, "std", tuple(float(x) for x in self.std))

@@ -27,16 +27,20 @@ class Checkpoint:
     step: int  # optimizer steps completed when it was written
 
 
-def save_checkpoint(obj: nn.Cell | list, path: str | Path, metadata: ModelMetadata, epoch: int = 0,
-                    step: int = 0) -> Path:
+def save_checkpoint(
+    obj: nn.Cell | list, path: str | Path, metadata: ModelMetadata, epoch: int = 0, step: int = 0
+) -> Path:
     """Write atomically; `obj` is a Cell (its parameters, optimizer state too for a train cell) or a list."""
     path = Path(path)
     with atomic_path(path) as tmp:
         # MindSpore appends ".ckpt" to names without it; the temporary name must keep that suffix.
         tmp_ckpt = tmp.with_name(tmp.name + ".ckpt")
         try:
-            ms.save_checkpoint(obj, str(tmp_ckpt),
-                               append_dict={METADATA_KEY: metadata.to_json(), EPOCH_KEY: epoch, STEP_KEY: step})
+            ms.save_checkpoint(
+                obj,
+                str(tmp_ckpt),
+                append_dict={METADATA_KEY: metadata.to_json(), EPOCH_KEY: epoch, STEP_KEY: step},
+            )
             tmp_ckpt.replace(tmp)
         finally:
             tmp_ckpt.unlink(missing_ok=True)

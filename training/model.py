@@ -153,8 +153,9 @@ class Bottleneck(nn.Cell):
 BLOCKS: dict[str, type[BasicBlock] | type[Bottleneck]] = {"BASIC": BasicBlock, "BOTTLENECK": Bottleneck}
 
 
-def make_layer(block: type[BasicBlock] | type[Bottleneck], inplanes: int, planes: int, blocks: int,
-               stride: int = 1) -> nn.SequentialCell:
+def make_layer(
+    block: type[BasicBlock] | type[Bottleneck], inplanes: int, planes: int, blocks: int, stride: int = 1
+) -> nn.SequentialCell:
     """A residual stack; the first block projects with a 1x1 conv + BN when the shape changes."""
     downsample = None
     if stride != 1 or inplanes != planes * block.expansion:
@@ -186,18 +187,29 @@ class Upsample(nn.Cell):
 class HighResolutionModule(nn.Cell):
     """Parallel branches followed by all-to-all fusion (SUM)."""
 
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], num_blocks: tuple[int, ...],
-                 in_channels: list[int], num_channels: tuple[int, ...], multi_scale_output: bool = True):
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        num_blocks: tuple[int, ...],
+        in_channels: list[int],
+        num_channels: tuple[int, ...],
+        multi_scale_output: bool = True,
+    ):
         super().__init__()
         self.num_branches = len(num_channels)
         self.in_channels = list(in_channels)
         self.branches = nn.CellList(
-            [make_layer(block, self.in_channels[i], num_channels[i], num_blocks[i]) for i in range(self.num_branches)]
+            [
+                make_layer(block, self.in_channels[i], num_channels[i], num_blocks[i])
+                for i in range(self.num_branches)
+            ]
         )
         self.in_channels = [c * block.expansion for c in num_channels]
         self.relu = nn.ReLU()
         outputs = self.num_branches if multi_scale_output else 1
-        self.fuse_layers = nn.CellList([self._fuse_row(i) for i in range(outputs)]) if self.num_branches > 1 else None
+        self.fuse_layers = (
+            nn.CellList([self._fuse_row(i) for i in range(outputs)]) if self.num_branches > 1 else None
+        )
 
     def _fuse_row(self, i: int) -> nn.CellList:
         ch = self.in_channels
@@ -234,7 +246,8 @@ def make_transition(pre: list[int], cur: tuple[int, ...]) -> nn.CellList:
             layers.append(conv_bn(pre[i], cout, 3) if cout != pre[i] else nn.Identity())
         else:
             steps = [
-                conv_bn(pre[-1], cout if k == i - len(pre) else pre[-1], 3, 2) for k in range(i + 1 - len(pre))
+                conv_bn(pre[-1], cout if k == i - len(pre) else pre[-1], 3, 2)
+                for k in range(i + 1 - len(pre))
             ]
             layers.append(nn.SequentialCell(steps))
     return nn.CellList(layers)
@@ -288,8 +301,9 @@ class HRNet(nn.Cell):
                 for i in range(len(channels) - 1)
             ]
         )
-        self.final_layer = nn.SequentialCell([conv(head[-1], FINAL_CHANNELS, 1, bias=True), bn(FINAL_CHANNELS),
-                                              nn.ReLU()])
+        self.final_layer = nn.SequentialCell(
+            [conv(head[-1], FINAL_CHANNELS, 1, bias=True), bn(FINAL_CHANNELS), nn.ReLU()]
+        )
         self.classifier = nn.Dense(
             FINAL_CHANNELS, num_classes, weight_init=Normal(sigma=DENSE_INIT_SIGMA), bias_init=Zero()
         )

@@ -1,0 +1,42 @@
+"""The `hrnet` command itself: dispatch, help, and one-line errors instead of tracebacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def hrnet(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hrnet", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_every_subcommand() -> None:
+    result = hrnet("--help")
+    assert result.returncode == 0
+    for name in ("info", "train", "eval", "export", "convert", "serve", "classify", "bench", "demo"):
+        assert f"  {name}" in result.stdout
+
+
+def test_unknown_command_exits_2() -> None:
+    result = hrnet("frobnicate")
+    assert result.returncode == 2
+    assert "unknown command 'frobnicate'" in result.stderr
+
+
+def test_info_prints_exact_counts() -> None:
+    result = hrnet("info", "--arch", "w18_small_v1", "--num-classes", "10", "--input-size", "64")
+    assert result.returncode == 0, result.stderr
+    assert "hrnet_w18_small_v1" in result.stdout
+    # 1000-class count minus the classifier rows that 10 classes do not have.
+    assert f"trainable params   {13_187_464 - 990 * 2049:,}" in result.stdout
+    assert "MACs per image" in result.stdout
+
+
+def test_info_rejects_bad_arguments_without_traceback() -> None:
+    result = hrnet("info", "--arch", "w99")
+    assert result.returncode == 2
+    assert "unknown architecture 'w99'" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = hrnet("info", "--num-classes", "0")
+    assert result.returncode == 2
+    assert "--num-classes must be >= 1" in result.stderr
