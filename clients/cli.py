@@ -83,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
                 bar.update()
         except ClientError as exc:
             raise CommandError(_explain(exc, args.server)) from None
+        except BrokenPipeError:  # `hrnet classify DIR | head`: the reader has seen enough
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
     if failed:
         print(f"hrnet classify: {failed} of {len(paths)} images failed", file=sys.stderr)
         return 1
