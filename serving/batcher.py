@@ -3,8 +3,9 @@
 Knows nothing of gRPC or of any backend beyond `Runner.infer`. One scheduler task takes a free
 model instance, then forms a batch: it waits for the first request, then until the batch is
 full, the largest preferred size is reached, or the oldest request has waited
-`max_queue_delay_us`. Taking the instance first means that while every instance is busy,
-requests pile up and the next batch is larger at no extra delay.
+`max_queue_delay_us`, and with `adaptive_delay` not at all when, at the recent arrival rate,
+no other request is due before that. Taking the instance first means that while every instance
+is busy, requests pile up and the next batch is larger at no extra delay.
 
 Guarantees: every future is resolved (result, error or cancellation); a cancelled or expired
 request is dropped before compute; the queue is bounded in images and fails fast with
@@ -31,6 +32,7 @@ from serving.config import BatchingConfig
 from serving.errors import DeadlineExceeded, InferenceFailed, InvalidArgument, QueueFull, Unavailable
 
 log = logging.getLogger(__name__)
+GAP_SMOOTHING = 0.2  # weight of the newest inter-arrival gap in the running mean
 
 
 class Runner(Protocol):
@@ -104,6 +106,8 @@ class Batcher:
         self._running: set[asyncio.Task[None]] = set()
         self._executor = ThreadPoolExecutor(max_workers=len(runners), thread_name_prefix="infer")
         self._closing = False
+        self._last_arrival: float | None = None
+        self._mean_gap: float | None = None  # smoothed seconds between requests
         # asyncio primitives belong to the running loop: made in start().
         self._arrival: asyncio.Event | None = None
         self._free: asyncio.Queue[Runner] | None = None
@@ -147,6 +151,7 @@ class Batcher:
         if self._queued_images + n > self.config.max_queue_size:
             raise QueueFull(self._queued_images, n, self.config.max_queue_size)
         now = self._clock()
+        self._note_arrival(now)
         step = self.config.max_batch_size
         tasks = [self._enqueue(items[i : i + step], now, deadline, priority) for i in range(0, n, step)]
         try:
@@ -236,11 +241,34 @@ class Batcher:
                     self._idle.set()
                 await self._arrival.wait()
                 continue
-            wait_s = head.enqueued + cfg.max_queue_delay_us / 1e6 - self._clock()
-            if self._queued_images >= target or wait_s <= 0 or self._closing:
+            wait_until = head.enqueued + cfg.max_queue_delay_us / 1e6
+            wait_s = wait_until - self._clock()
+            full = self._queued_images >= target
+            if full or wait_s <= 0 or self._closing or self._no_company_expected(wait_until):
                 return self._take()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrival.wait(), timeout=wait_s)
+
+    def _note_arrival(self, now: float) -> None:
+        """Track the recent gap between requests (smoothed; idle periods count as 2x the delay)."""
+        if self._last_arrival is not None:
+            gap = min(now - self._last_arrival, 2 * self.config.max_queue_delay_us / 1e6)
+            self._mean_gap = (
+                gap if self._mean_gap is None else self._mean_gap + GAP_SMOOTHING * (gap - self._mean_gap)
+            )
+        self._last_arrival = now
+
+    def _no_company_expected(self, wait_until: float) -> bool:
+        """At the recent arrival rate, would the next request come only after the wait ends?
+
+        Then waiting adds latency and buys no batching: at low load a lone request goes at once.
+        With no history yet nothing suggests company is coming either.
+        """
+        if not self.config.adaptive_delay:
+            return False
+        if self._mean_gap is None or self._last_arrival is None:
+            return True
+        return self._last_arrival + self._mean_gap > wait_until
 
     def _take(self) -> list[_Task]:
         cfg = self.config

@@ -37,6 +37,9 @@ class BatchingConfig:
     # How long the oldest queued request may wait for others to join it. Bounds the latency
     # batching adds at low load; 0 disables waiting (batches still form while instances are busy).
     max_queue_delay_us: int = 2000
+    # End the wait early when, at the recent arrival rate, no other request is due before it
+    # ends: at low load a lone request then goes at once instead of paying the delay.
+    adaptive_delay: bool = True
     # Batch sizes the backend prefers (e.g. TensorRT profiles); a batch is cut to the largest
     # one that fits and sent as soon as the largest is reached. Empty: any size.
     preferred_batch_sizes: tuple[int, ...] = ()

@@ -157,6 +157,30 @@ async def test_lone_request_waits_at_most_the_queue_delay() -> None:
     await b.close()
 
 
+async def test_adaptive_delay_skips_the_wait_when_no_company_is_due() -> None:
+    clock = FakeClock()
+    loop = asyncio.get_running_loop()
+    runner = Doubler()
+    sparse = await _started([runner], clock=clock, max_batch_size=8, max_queue_delay_us=300_000)
+    for _ in range(3):  # one request a second: a 300 ms wait would buy nothing
+        start = loop.time()
+        await sparse.submit(items(1))
+        assert loop.time() - start < 0.2
+        clock.now += 1.0
+    await sparse.close()
+
+    dense = await _started([Doubler()], clock=clock, max_batch_size=8, max_queue_delay_us=300_000)
+    for _ in range(3):  # one request a millisecond: the next is due within the wait, so it waits
+        dense._note_arrival(clock.now)
+        clock.now += 0.001
+    start = loop.time()
+    # The wait is measured on the fake clock: move it past the delay a moment from now.
+    loop.call_later(0.25, lambda: setattr(clock, "now", clock.now + 1.0))
+    await dense.submit(items(1))
+    assert loop.time() - start >= 0.25
+    await dense.close()
+
+
 async def test_backend_error_resolves_every_caller() -> None:
     class Broken:
         def infer(self, batch: np.ndarray) -> np.ndarray:

@@ -87,7 +87,7 @@ def test_full_queue_fails_fast_with_resource_exhausted(start_server, onnx_repo, 
 
 def test_expired_and_cancelled_requests_are_never_computed(start_server, onnx_repo, digit_images) -> None:
     # A long batching wait keeps a lone request queued long enough to expire or be cancelled.
-    server = start_server(onnx_repo, max_batch_size=16, max_queue_delay_us=400_000)
+    server = start_server(onnx_repo, max_batch_size=16, max_queue_delay_us=400_000, adaptive_delay=False)
     png = digit_images[0].png
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)

@@ -61,7 +61,10 @@ def test_sigterm_drains_accepted_work_then_exits_0(model_repo, digit_images, tmp
     repo = tmp_path / "repo"
     (repo / "hrnet" / "1").mkdir(parents=True)
     shutil.copy(model_repo.onnx, repo / "hrnet" / "1" / "model.onnx")
-    (repo / "hrnet" / "config.yaml").write_text("batching:\n  max_batch_size: 8\n  max_queue_size: 1024\n")
+    # Batches of one image on one thread: the accepted work below takes a while to drain.
+    (repo / "hrnet" / "config.yaml").write_text(
+        "threads_per_instance: 1\nbatching:\n  max_batch_size: 1\n  max_queue_size: 1024\n"
+    )
     proc = _serve("--repo", str(repo), "--port", "0", "--metrics-port", "-1", "--host", "127.0.0.1")
     lines: queue.Queue = queue.Queue()
     try:
@@ -69,27 +72,39 @@ def test_sigterm_drains_accepted_work_then_exits_0(model_repo, digit_images, tmp
         pngs = [d.png for d in digit_images]
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            health = health_pb2_grpc.HealthStub(channel)
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=""), timeout=60
+            )
+            statuses: list[int] = []
+            watcher = threading.Thread(target=lambda: statuses.extend(r.status for r in _until_error(watch)))
+            watcher.start()
             with ThreadPoolExecutor(24) as pool:
-                # 24 requests x 8 images: about a second of compute on this machine, queued at once.
                 calls = [
                     pool.submit(stub.ModelInfer, _request(pngs[i : i + 8]), timeout=60) for i in range(24)
                 ]
-                time.sleep(0.3)
+                time.sleep(0.3)  # accepted: 192 images queued or running
                 proc.send_signal(signal.SIGTERM)
                 time.sleep(0.1)
-                status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
                 with pytest.raises(grpc.RpcError) as refused:
                     stub.ModelInfer(_request(pngs[:1]), timeout=5)
                 results = [c.result() for c in calls]
-        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watcher.join(30)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert all(len(r.raw_output_contents[0]) == 8 * 10 * 4 for r in results)
+        assert statuses[:1] == [health_pb2.HealthCheckResponse.SERVING]
+        assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _until_error(stream):
+    try:
+        yield from stream
+    except grpc.RpcError:
+        return
 
 
 @pytest.mark.parametrize(
