@@ -339,4 +339,6 @@ def test_preprocess_many_matches_single_images(photos: dict[str, bytes]) -> None
             asyncio.run(preprocessor.preprocess_many([images[0], images[1], b"not an image", b""]))
     finally:
         preprocessor.close()
-    assert 1 <= ImagePreprocessor(spec).max_workers <= 4
+    default = ImagePreprocessor(spec)
+    default.close()
+    assert 1 <= default.max_workers <= 4
