@@ -125,15 +125,26 @@ def measure(model: Path, setting: str, flags: list[str], concurrency: int, reque
 
 
 def compare(
-    model: Path, concurrency: int = 16, requests: int = 800, max_batch_size: int = 16, delay_us: int = 2000
+    model: Path,
+    concurrency: int = 16,
+    requests: int = 800,
+    max_batch_size: int = 16,
+    delay_us: int = 2000,
+    repeats: int = 1,
 ) -> list[Measurement]:
-    """The same load without batching (max_batch_size 1) and with it."""
+    """The same load without batching (max_batch_size 1) and with it, alternated `repeats` times.
+
+    Alternating the settings spreads a shared machine's background load over both.
+    """
     off = ["--max-batch-size", "1", "--max-queue-delay-us", "0"]
     on = ["--max-batch-size", str(max_batch_size), "--max-queue-delay-us", str(delay_us)]
-    return [
-        measure(model, "no batching", off, concurrency, requests),
-        measure(model, f"batching {max_batch_size} / {delay_us} us", on, concurrency, requests),
-    ]
+    results = []
+    for _ in range(repeats):
+        results.append(measure(model, "no batching", off, concurrency, requests))
+        results.append(
+            measure(model, f"batching {max_batch_size} / {delay_us} us", on, concurrency, requests)
+        )
+    return results
 
 
 def report(results: list[Measurement], concurrency: int) -> str:
@@ -145,6 +156,12 @@ def report(results: list[Measurement], concurrency: int) -> str:
         lines.append(
             f"{r.setting:<28} {r.throughput:>8.1f} {r.p50_ms:>8.1f} {r.p99_ms:>8.1f} {r.mean_batch:>11.2f}"
         )
-    if len(results) == 2 and results[0].throughput:
-        lines.append(f"speed-up from batching: {results[1].throughput / results[0].throughput:.2f}x")
+    by_setting: dict[str, list[float]] = {}
+    for r in results:
+        by_setting.setdefault(r.setting, []).append(r.throughput)
+    medians = {name: float(np.median(values)) for name, values in by_setting.items()}
+    lines += [f"median {name}: {value:.1f} img/s" for name, value in medians.items()]
+    off, on = list(medians.values())[:2] if len(medians) == 2 else (0.0, 0.0)
+    if off:
+        lines.append(f"speed-up from batching (medians): {on / off:.2f}x")
     return "\n".join(lines)
