@@ -118,10 +118,6 @@ class Batcher:
     def queued_images(self) -> int:
         return self._queued_images
 
-    @property
-    def running_batches(self) -> int:
-        return len(self._running)
-
     async def start(self) -> None:
         self._arrival = asyncio.Event()
         self._idle = asyncio.Event()

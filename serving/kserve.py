@@ -119,6 +119,7 @@ def model_config(model: LoadedModel) -> mc.ModelConfig:
         "arch": meta.arch,
         "labels": ",".join(meta.labels),
         "threads_per_instance": cfg.intra_op_threads(),
+        "adaptive_delay": batching.adaptive_delay,
     }
     return mc.ModelConfig(
         name=model.name,
