@@ -142,6 +142,17 @@ def test_model_infer_fp32_fp16_typed_and_bytes_agree_with_direct_onnxruntime(
     np.testing.assert_allclose(on_mindspore, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_foreign_onnx_classifier_serves_with_default_preprocessing(kserve, model_repo, digit_images) -> None:
+    pngs = [d.png for d in digit_images[50:53]]
+    request = bytes_request(pngs, model="plain")
+    request.inputs[0].name = "input"
+    got = logits_of(kserve.ModelInfer(request))
+    spec = PreprocessSpec(16, 18, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # shape + ImageNet
+    session = ort.InferenceSession(str(model_repo.plain), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"input": np.stack([preprocess_image(p, spec) for p in pngs])})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_classification_extension(kserve, digit_images, reference) -> None:
     pngs = [d.png for d in digit_images[:2]]
     request = bytes_request(pngs)
