@@ -5,8 +5,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import grpc
+import numpy as np
 import pytest
 
+from protos import grpc_service_pb2 as pb
+from protos import grpc_service_pb2_grpc as pb_grpc
 from serving.backends import open_backend
 from serving.config import ModelConfig
 from serving.errors import ModelLoadError
@@ -49,3 +53,24 @@ def test_foreign_onnx_gets_defaults_and_config_overrides(model_repo) -> None:
         resolve_metadata(backend, ModelConfig(labels=("a", "b", "c")))
     with pytest.raises(ModelLoadError, match="input height is 16 but the preprocessing input_size is 24"):
         resolve_metadata(backend, ModelConfig(input_size=24))
+
+
+def test_several_versions_served_newest_by_default(model_repo, start_server, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    for version in ("1", "2"):
+        (repo / "hrnet" / version).mkdir(parents=True)
+        shutil.copy(model_repo.onnx, repo / "hrnet" / version / "model.onnx")
+    server = start_server(repo)
+    batch = np.zeros((1, 3, 32, 32), np.float32)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert list(stub.ModelMetadata(pb.ModelMetadataRequest(name="hrnet")).versions) == ["1", "2"]
+        for asked, served in (("", "2"), ("1", "1"), ("2", "2")):
+            request = pb.ModelInferRequest(model_name="hrnet", model_version=asked)
+            request.inputs.add(name="image", datatype="FP32", shape=[1, 3, 32, 32])
+            request.raw_input_contents.append(batch.tobytes())
+            assert stub.ModelInfer(request, timeout=30).model_version == served
+        assert {
+            s.version
+            for s in stub.ModelStatistics(pb.ModelStatisticsRequest(name="hrnet", version="1")).model_stats
+        } == {"1"}
