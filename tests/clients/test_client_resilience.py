@@ -24,8 +24,8 @@ def _dead_address() -> str:
 def test_deadline_exceeded_while_waiting_for_a_batch(
     connect: Any, start_server: Any, onnx_repo: Any, digit_images: list
 ) -> None:
-    # The server holds a lone request for up to 3 s hoping to batch it; a 0.3 s deadline ends first.
-    server = start_server(onnx_repo, max_queue_delay_us=3_000_000, max_batch_size=16)
+    # The server holds a lone request for 3 s hoping to batch it; a 0.3 s deadline ends first.
+    server = start_server(onnx_repo, max_queue_delay_us=3_000_000, max_batch_size=16, adaptive_delay=False)
     client = connect(server.address)
     started = time.monotonic()
     with pytest.raises(ClientError) as info:
