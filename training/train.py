@@ -101,12 +101,19 @@ def epoch_line(epoch: int, epochs: int, epoch_ms: float, steps: int, avg_loss: f
 
 
 def init_distributed() -> tuple[int, int]:
-    """(rank, world size). Under msrun (MS_ROLE=MS_WORKER) joins the group and sets data parallel."""
-    if os.environ.get("MS_ROLE") != "MS_WORKER":
+    """(rank, world size). Under msrun: joins the group and sets data parallel with averaged gradients.
+
+    msrun also runs this script in its scheduler process (MS_ROLE=MS_SCHED), which must only serve
+    the cluster: it joins, and leaves when the workers are done, without training anything itself.
+    """
+    role = os.environ.get("MS_ROLE")
+    if role not in ("MS_WORKER", "MS_SCHED"):
         return 0, 1
     from mindspore.communication import get_group_size, get_rank, init
 
     init()
+    if role == "MS_SCHED":
+        raise SystemExit(0)
     rank, size = get_rank(), get_group_size()
     ms.reset_auto_parallel_context()
     ms.set_auto_parallel_context(
@@ -177,9 +184,13 @@ def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
 
 
 def weights_digest(net: nn.Cell) -> str:
-    """SHA-256 over every network parameter in name order: equal digests mean bit-identical weights."""
+    """SHA-256 over the trainable parameters in name order: equal digests mean bit-identical weights.
+
+    BatchNorm running statistics are left out: as in the seed (no SyncBN), each rank averages its own
+    batches, and only rank 0's are saved.
+    """
     digest = hashlib.sha256()
-    for param in sorted(net.get_parameters(), key=lambda p: p.name):
+    for param in sorted(net.trainable_params(), key=lambda p: p.name):
         digest.update(param.name.encode())
         digest.update(np.ascontiguousarray(param.asnumpy()).tobytes())
     return digest.hexdigest()
@@ -386,7 +397,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     digest = weights_digest(net)
     # Every rank reports (msrun keeps each rank's output in its own worker log): same digest = same weights.
     log.info(
-        "rank %d/%d: %d images in epoch %d, label counts %s, weights sha256 %s",
+        "rank %d/%d: %d images in epoch %d, label counts %s, trainable weights sha256 %s",
         rank,
         world,
         int(label_counts.sum()),
