@@ -142,6 +142,10 @@ class AsyncClient:
         order = StreamOrder()
         slots = asyncio.Semaphore(max_in_flight)
         failure: list[Exception] = []  # raised by the caller's iterable or a wrong image type
+        # grpc.aio loses the server's status (UNAUTHENTICATED, NOT_FOUND...) to "INTERNAL: Internal
+        # error from Core" when a write races the server ending the call; so nothing more is sent
+        # until the first answer shows the server accepted the stream. It costs one round trip.
+        accepted = asyncio.Event()
 
         async def requests() -> AsyncIterator[Any]:
             try:
@@ -155,12 +159,14 @@ class AsyncClient:
                         slots.release()
                         continue
                     yield request
+                    await accepted.wait()
             except Exception as exc:
                 failure.append(exc)
 
         call = self._method(CLASSIFY_STREAM.path)(requests(), timeout=timeout_s, metadata=self._core.metadata)
         try:
             async for response in call:
+                accepted.set()
                 order.receive(response)
                 slots.release()
                 for result in order.ready():
