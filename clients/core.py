@@ -128,7 +128,6 @@ class ClientCore:
         self.model = model
         self.timeout_s = timeout_s
         self.retry = retry
-        self.tls = tls
         self.metadata = call_metadata(token)
         self.options = channel_options(tls, max_message_bytes, retry.max_backoff_s)
         self.credentials = tls.credentials() if tls is not None else None
