@@ -66,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # SIGTERM (CI timeouts, `kill`) unwinds like Ctrl-C, so the server and any child are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     demo = Demo(args.work_dir.resolve(), args.config.resolve(), args.retrain)
     summary = demo.run()
     print(_format_summary(summary, args.work_dir))

@@ -8,6 +8,7 @@ what is under test is the pipeline (and the server's agreement with `hrnet eval`
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -62,7 +63,20 @@ def test_demo_runs_every_stage_and_stops_the_server(tmp_path: Path) -> None:
     assert result.stdout.count("rank  index  label") == 3
     assert not _port_open(int(summary["server"].rsplit(":", 1)[1])), "the demo left its server running"
 
-    # Unchanged inputs: the second run reuses training, evaluation and exports, and serves again.
+    # Stopped while its server runs: the server goes down with it.
+    command = [sys.executable, "-m", "hrnet", "demo", "--work-dir", str(work), "--config", str(config)]
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True) as stopped:
+        address = ""
+        for line in stopped.stdout:
+            if "] serve: hrnet serve" in line:
+                address = line.rsplit(" on ", 1)[1].strip()
+            if "] serve: done" in line:
+                stopped.send_signal(signal.SIGTERM)
+                break
+        assert stopped.wait(60) == 143
+    assert address and not _port_open(int(address.rsplit(":", 1)[1])), "the demo left its server running"
+
+    # Unchanged inputs: the next run reuses training, evaluation and exports, and serves again.
     again = _demo(work, config)
     assert again.stdout.count("reusing") == 5  # data, checkpoint, eval, ONNX, MINDIR
     second = json.loads((work / "summary.json").read_text())
