@@ -57,6 +57,7 @@ class TrainConfig:
     lr_init: float = 0.0001
     lr_end: float = 0.00001
     warmup_epochs: float = 2.0
+    lr_scale_batch: int = 0  # global batch the LRs are for; they scale by batch x devices / this; 0: off
     lr_milestones: tuple[int, ...] = (30, 60, 90)  # epochs, step scheme
     lr_gamma: float = 0.1  # step scheme
     # optimisation
@@ -116,6 +117,7 @@ class TrainConfig:
             (self.keep_checkpoint_max >= 1, "keep_checkpoint_max must be >= 1"),
             (self.save_checkpoint_epochs >= 1, "save_checkpoint_epochs must be >= 1"),
             (self.eval_interval >= 1, "eval_interval must be >= 1"),
+            (self.lr_scale_batch >= 0, "lr_scale_batch must be >= 0"),
             (self.num_workers >= 1, "num_workers must be >= 1"),
         ]
         for ok, message in checks:

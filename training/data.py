@@ -6,6 +6,7 @@ model; evaluation uses it, and serving's own numpy/OpenCV preprocessing is teste
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mindspore as ms
@@ -60,6 +61,11 @@ def train_transforms(
     return ops
 
 
+def _workers(requested: int) -> int:
+    """mindspore.dataset refuses more workers than CPU cores: a config written for a big host still runs."""
+    return max(1, min(requested, os.cpu_count() or 1))
+
+
 def _check_folder(folder: str | Path) -> list[str]:
     names = class_names(folder)
     if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in Path(folder).rglob("*")):
@@ -77,6 +83,7 @@ def train_dataset(
 ) -> ds.Dataset:
     """Shuffled, sharded over the data-parallel ranks, full batches only (every rank steps in lockstep)."""
     _check_folder(folder)
+    num_workers = _workers(num_workers)
     data = ds.ImageFolderDataset(
         str(folder),
         num_parallel_workers=num_workers,
@@ -95,6 +102,7 @@ def eval_dataset(
 ) -> ds.Dataset:
     """Every image exactly once, in file order: no shuffle, and the last short batch is kept."""
     names = _check_folder(folder)
+    num_workers = _workers(num_workers)
     if metadata.labels and list(metadata.labels) != names:
         raise ValueError(
             f"{folder} classes {names[:5]}... do not match the model's labels {list(metadata.labels)[:5]}..."

@@ -262,11 +262,13 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             f"{cfg.data_path} has fewer images than batch_size x devices = {cfg.batch_size * world}"
         )
     steps_per_epoch = min(shard_steps, cfg.steps_per_epoch) if cfg.steps_per_epoch else shard_steps
+    # Linear scaling rule: the configured LRs are meant for lr_scale_batch; other device counts scale them.
+    lr_factor = cfg.batch_size * world / cfg.lr_scale_batch if cfg.lr_scale_batch else 1.0
     lrs = learning_rates(
         cfg.lr_scheme,
-        cfg.lr,
-        cfg.lr_init,
-        cfg.lr_end,
+        cfg.lr * lr_factor,
+        cfg.lr_init * lr_factor,
+        cfg.lr_end * lr_factor,
         cfg.warmup_epochs,
         cfg.epochs,
         steps_per_epoch,
@@ -317,6 +319,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         steps_per_epoch=steps_per_epoch,
         global_batch=cfg.batch_size * world,
         global_step=begin_epoch * steps_per_epoch,
+        lr_factor=lr_factor,
         first_lr=first_lr,
         resumed_from=str(source or ""),
     )

@@ -55,6 +55,7 @@ def test_seed_recipe_values():
     )
     assert (cfg.warmup_epochs, cfg.label_smoothing, cfg.eval_interval) == (2, 0.1, 10)
     assert (cfg.save_checkpoint_epochs, cfg.keep_checkpoint_max, cfg.mode) == (1, 10, "graph")
+    assert cfg.lr_scale_batch == 128  # 8 x 16: on other device counts the LRs follow the global batch
     pytorch = load_config("hrnet_w48_pytorch")
     assert (pytorch.optimizer, pytorch.nesterov, pytorch.lr, pytorch.weight_decay) == (
         "sgd",

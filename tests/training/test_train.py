@@ -84,9 +84,10 @@ def small_digits(digits, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.timeout(1800)  # the timeouts only catch hangs: ~5 min alone on 2 cores, far longer when shared
 def test_digits_train_then_eval_reaches_95_percent(digits, tmp_path):
     run_dir = tmp_path / "run"
-    _run(_train_args(data_path=digits / "train", output_dir=run_dir), tmp_path, timeout=540)
+    _run(_train_args(data_path=digits / "train", output_dir=run_dir), tmp_path, timeout=1500)
     cfg = load_config("hrnet_digits")
     epochs = _events(run_dir, "epoch")
     assert [e["epoch"] for e in epochs] == list(range(1, cfg.epochs + 1))
@@ -107,7 +108,7 @@ def test_digits_train_then_eval_reaches_95_percent(digits, tmp_path):
         "--json",
         str(tmp_path / "eval.json"),
     ]
-    out = _run(args, tmp_path, timeout=180).stdout
+    out = _run(args, tmp_path, timeout=600).stdout
     printed = [line for line in out.splitlines() if line.startswith("{'Loss'")]
     assert printed, out
     result = json.loads((tmp_path / "eval.json").read_text())
@@ -122,13 +123,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.timeout(1200)
 def test_msrun_two_workers_shard_data_and_end_identical(small_digits, tmp_path):
     run_dir, log_dir = tmp_path / "run", tmp_path / "msrun_logs"
     per_rank_batch = 10  # 100 images / 2 ranks = 50 per rank = 5 full steps, nothing dropped
     msrun = [str(BIN / "msrun"), "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}"]
     msrun += [f"--log_dir={log_dir}", "--join=True", str(BIN / "hrnet")]  # msrun runs a script file
-    args = _train_args(data_path=small_digits, output_dir=run_dir, epochs=1, batch_size=per_rank_batch)
-    _run(msrun + args[len(HRNET) :], tmp_path, timeout=420)
+    args = _train_args(
+        data_path=small_digits, output_dir=run_dir, epochs=1, batch_size=per_rank_batch, lr_scale_batch=10
+    )
+    _run(msrun + args[len(HRNET) :], tmp_path, timeout=900)
     reports = {}
     for worker_log in sorted(log_dir.glob("worker_*.log")):
         for match in re.finditer(
@@ -144,6 +148,8 @@ def test_msrun_two_workers_shard_data_and_end_identical(small_digits, tmp_path):
     assert digest0 == digest1  # same start, averaged gradients: bit-identical weights
     start = _events(run_dir, "start")
     assert len(start) == 1 and start[0]["rank_size"] == 2 and start[0]["global_batch"] == 2 * per_rank_batch
+    assert start[0]["lr_factor"] == 2.0  # LRs set for a global batch of 10 follow the global batch of 20
+    assert start[0]["first_lr"] == pytest.approx(2 * load_config("hrnet_digits").lr_init)
     assert [e["steps"] for e in _events(run_dir, "epoch")] == [5]  # written once: rank 0 alone logs
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["hrnet_w18_small_v1-e0001.ckpt"]
 
@@ -159,6 +165,7 @@ def _loads(path: Path) -> int:
     return checkpoint.epoch
 
 
+@pytest.mark.timeout(1800)
 def test_kill_mid_epoch_then_resume(small_digits, tmp_path):
     run_dir = tmp_path / "run"
     # The seed's optimizer and LR shape (RMSProp, loss scale 1024, linear warmup then decay), 10 steps/epoch.
@@ -187,7 +194,7 @@ def test_kill_mid_epoch_then_resume(small_digits, tmp_path):
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900
         while not any(s["epoch"] == 2 and s["step"] >= 13 for s in _events(run_dir, "step")):
             assert proc.poll() is None, "training ended before it could be killed"
             assert time.monotonic() < deadline, "no progress into epoch 2"
@@ -199,7 +206,7 @@ def test_kill_mid_epoch_then_resume(small_digits, tmp_path):
     on_disk = sorted((run_dir / "checkpoints").glob("*.ckpt"))
     assert [p.name for p in on_disk] == ["hrnet_w18_small_v1-e0001.ckpt"] and _loads(on_disk[0]) == 1
 
-    _run([*args, "--resume"], tmp_path, timeout=300)
+    _run([*args, "--resume"], tmp_path, timeout=900)
     starts = _events(run_dir, "start")
     assert [s["begin_epoch"] for s in starts] == [0, 1]
     assert starts[1]["steps_per_epoch"] == 10 and starts[1]["global_step"] == 10
