@@ -149,7 +149,10 @@ def test_msrun_two_workers_shard_data_and_end_identical(small_digits, tmp_path):
     start = _events(run_dir, "start")
     assert len(start) == 1 and start[0]["rank_size"] == 2 and start[0]["global_batch"] == 2 * per_rank_batch
     assert start[0]["lr_factor"] == 2.0  # LRs set for a global batch of 10 follow the global batch of 20
-    assert start[0]["first_lr"] == pytest.approx(2 * load_config("hrnet_digits").lr_init)
+    cfg = load_config("hrnet_digits")
+    lr, lr_init, lr_end = 2 * cfg.lr, 2 * cfg.lr_init, 2 * cfg.lr_end
+    scaled = learning_rates(cfg.lr_scheme, lr, lr_init, lr_end, cfg.warmup_epochs, 1, steps_per_epoch=5)
+    assert start[0]["first_lr"] == pytest.approx(float(scaled[0]))
     assert [e["steps"] for e in _events(run_dir, "epoch")] == [5]  # written once: rank 0 alone logs
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["hrnet_w18_small_v1-e0001.ckpt"]
 
