@@ -129,6 +129,12 @@ class ServerConfig:
     max_image_pixels: int = 40_000_000
     log_format: str = "json"  # "json" lines or "text"
     log_level: str = "info"
+    # Calls must carry `authorization: Bearer <auth_token>` (health checks exempt); empty: no check.
+    # Prefer the environment (HRNET_AUTH_TOKEN) or the config file to anything visible in `ps`.
+    auth_token: str = ""
+    tls_cert: str = ""  # PEM certificate chain and private key: serve TLS instead of plaintext
+    tls_key: str = ""
+    tls_client_ca: str = ""  # PEM CA bundle: require client certificates it signed (mutual TLS)
     model_defaults: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
@@ -142,6 +148,10 @@ class ServerConfig:
             raise ConfigError(f"log_format must be json or text, got {self.log_format!r}")
         if self.grace_period_s < 0 or self.max_image_pixels < 1 or self.preprocess_workers < 0:
             raise ConfigError("grace_period_s, preprocess_workers must be >= 0 and max_image_pixels >= 1")
+        if bool(self.tls_cert) != bool(self.tls_key) or (self.tls_client_ca and not self.tls_cert):
+            raise ConfigError(
+                "TLS needs both tls_cert and tls_key (and tls_client_ca only together with them)"
+            )
 
 
 def build(cls: type, data: Mapping[str, Any], where: str) -> Any:

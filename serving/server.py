@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+from serving import auth
 from serving.classifier import ClassifierServicer
 from serving.config import ServerConfig
 from serving.errors import ModelLoadError
@@ -60,11 +61,12 @@ class Server:
         cfg = self.config
         limit = cfg.max_message_bytes
         self._grpc = grpc.aio.server(
+            interceptors=auth.interceptors(cfg.auth_token),
             options=[
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             KServeServicer(self.plane), self._grpc
@@ -76,7 +78,9 @@ class Server:
             self._grpc,
         )
         try:
-            self.port = self._grpc.add_insecure_port(f"{cfg.host}:{cfg.port}")
+            self.port = auth.bind(
+                self._grpc, f"{cfg.host}:{cfg.port}", cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca
+            )
         except RuntimeError:
             self.port = 0
         if not self.port:
