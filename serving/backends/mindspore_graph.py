@@ -12,6 +12,7 @@ import threading
 import numpy as np
 
 from hrnet.metadata import read_sidecar
+from hrnet.onednn import cap_onednn_isa
 from serving.backends.base import Backend, TensorSpec
 from serving.errors import ModelLoadError
 
@@ -25,6 +26,7 @@ class MindSporeBackend(Backend):
     library = "mindspore"
 
     def load(self) -> None:
+        cap_onednn_isa()  # before MindSpore's first convolution
         import mindspore as ms
 
         ms.set_device(MS_TARGETS[self.config.device])
