@@ -1,8 +1,11 @@
 """When to try a failed call again, and how long to wait first.
 
-UNAVAILABLE (server restarting, connection refused, GOAWAY) and RESOURCE_EXHAUSTED (the server's
-queue is full and it shed load) are the two statuses where the same request can succeed a moment
-later. Waits grow exponentially so a struggling server is not hammered, and carry random jitter so
+UNAVAILABLE (server restarting, connection refused, GOAWAY), RESOURCE_EXHAUSTED (the server's
+queue is full and it shed load) and CANCELLED are the statuses where the same request can succeed
+a moment later. This client never cancels a call it still waits for (its own limit is the
+deadline, DEADLINE_EXCEEDED), so a CANCELLED it sees came from the server side: gRPC cancels the
+calls still open when a stopping server's grace period ends.
+Waits grow exponentially so a struggling server is not hammered, and carry random jitter so
 many clients that failed together do not come back together. The call's deadline bounds the whole
 sequence: no attempt is started that the deadline would cut off anyway.
 
@@ -17,7 +20,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+RETRYABLE_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
+)
 
 
 @dataclass(frozen=True)

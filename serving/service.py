@@ -124,7 +124,13 @@ class DataPlane:
         return sorted(self._models.get(name, {}), key=int)
 
     def get(self, name: str, version: str = "") -> LoadedModel:
-        """`name` empty means the only model, or the first by name; `version` empty the newest."""
+        """`name` empty means the only model, or the first by name; `version` empty the newest.
+
+        Before start() and after drain() the answer is UNAVAILABLE, not NOT_FOUND: models may be
+        loading (the port is bound first), and a retrying client must be told to come back.
+        """
+        if not self.accepting:
+            raise Unavailable("the server is starting or shutting down; retry")
         if not name:
             if not self._models:
                 raise ModelNotFound("(default)")

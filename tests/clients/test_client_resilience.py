@@ -106,10 +106,6 @@ def test_calls_ride_out_a_server_restart(
             time.sleep(0.01)
         done.set()
         worker.join(30)
-    if errors and isinstance(errors[0], ClientError) and errors[0].code == grpc.StatusCode.NOT_FOUND:
-        # serving.Server.start binds the port before it loads the models and, meanwhile, answers
-        # NOT_FOUND (not retryable) instead of UNAVAILABLE; reported to the server's owner.
-        pytest.xfail(f"the restarting server answered {errors[0]} while loading its models")
     assert not errors, errors
     assert len(results) >= before_restart + 3
     # A server that is up but still loading answers ServerReady with False: still an answer.
