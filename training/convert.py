@@ -36,7 +36,6 @@ BN_NAMES = {
 }
 BATCHES_TRACKED = "num_batches_tracked"
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
-TIMM_NAMES = {"hrnet_w18_small": "w18_small_v1"}  # timm's one name that differs from ours beyond the prefix
 OFFICIAL_INPUT_SIZE = 224  # the published weights were validated at Resize(256) + CenterCrop(224)
 
 
@@ -139,7 +138,7 @@ def convert_official(
     out = Path(out)
     if out.exists() and not force:
         raise ConversionError(f"{out} exists (pass --force to overwrite)")
-    arch = canonical_arch(TIMM_NAMES.get(arch.lower(), arch))
+    arch = canonical_arch(arch)
     tensors, card = read_state_dict(src)
     classes = num_classes or (card.num_classes if card else infer_num_classes(tensors))
     if card is None or canonical_arch(card.arch) != arch or card.num_classes != classes:

@@ -74,9 +74,14 @@ ARCHS: dict[str, HRNetSpec] = {
 }
 
 
+# timm's names that differ from ours by more than the `hrnet_` prefix.
+TIMM_ALIASES = {"w18_small": "w18_small_v1"}
+
+
 def canonical_arch(name: str) -> str:
-    """The `ARCHS` key for `w48`, `W48`, `hrnet_w48` or `w18-small-v1`; ValueError for anything else."""
+    """The `ARCHS` key for `w48`, `W48`, `hrnet_w48`, `w18-small-v1` or timm's `hrnet_w18_small`."""
     key = name.lower().replace("-", "_").removeprefix("hrnet_")
+    key = TIMM_ALIASES.get(key, key)
     if key not in ARCHS:
         raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHS)}")
     return key

@@ -125,9 +125,12 @@ def test_a_training_step_changes_weights_and_lowers_the_loss() -> None:
     assert losses[-1] < 0.7 * losses[0]
 
 
-@pytest.mark.parametrize("alias", ["W48", "hrnet_w48", "w48"])
-def test_architecture_aliases(alias: str) -> None:
-    assert canonical_arch(alias) == "w48"
+@pytest.mark.parametrize(
+    ("alias", "arch"),
+    [("W48", "w48"), ("hrnet_w48", "w48"), ("w48", "w48"), ("hrnet_w18_small", "w18_small_v1")],
+)
+def test_architecture_aliases(alias: str, arch: str) -> None:
+    assert canonical_arch(alias) == arch
 
 
 def test_unknown_architecture_is_a_clear_error() -> None:
