@@ -23,7 +23,6 @@ from clients.core import (
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT_S,
     DEFAULT_TOP_K,
-    RPCS,
     ClientCore,
     StreamOrder,
     UnaryCall,
@@ -87,18 +86,7 @@ class AsyncClient:
 
     def _method(self, path: str) -> Any:
         if self._channel is None:
-            core = self._core
-            if core.credentials is None:
-                self._channel = grpc.aio.insecure_channel(core.target, options=core.options)
-            else:
-                self._channel = grpc.aio.secure_channel(core.target, core.credentials, options=core.options)
-            for rpc in RPCS:
-                factory = self._channel.stream_stream if rpc.streaming else self._channel.unary_unary
-                self._methods[rpc.path] = factory(
-                    rpc.path,
-                    request_serializer=rpc.request_serializer,
-                    response_deserializer=rpc.response_deserializer,
-                )
+            self._channel, self._methods = self._core.open_channel(grpc.aio)
         return self._methods[path]
 
     # --- API (see Client for the contracts) ------------------------------------------------------

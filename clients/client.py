@@ -17,7 +17,6 @@ from clients.core import (
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT_S,
     DEFAULT_TOP_K,
-    RPCS,
     ClientCore,
     StreamOrder,
     UnaryCall,
@@ -61,19 +60,7 @@ class Client:
             token=token,
             max_message_bytes=max_message_bytes,
         )
-        core = self._core
-        if core.credentials is None:
-            self._channel = grpc.insecure_channel(target, options=core.options)
-        else:
-            self._channel = grpc.secure_channel(target, core.credentials, options=core.options)
-        self._methods: dict[str, Any] = {}
-        for rpc in RPCS:
-            factory = self._channel.stream_stream if rpc.streaming else self._channel.unary_unary
-            self._methods[rpc.path] = factory(
-                rpc.path,
-                request_serializer=rpc.request_serializer,
-                response_deserializer=rpc.response_deserializer,
-            )
+        self._channel, self._methods = self._core.open_channel(grpc)
         self._model_infos: dict[str, ModelInfo] = {}
         self._lock = threading.Lock()
 

@@ -132,6 +132,26 @@ class ClientCore:
         self.options = channel_options(tls, max_message_bytes, retry.max_backoff_s)
         self.credentials = tls.credentials() if tls is not None else None
 
+    def open_channel(self, grpc_module: Any) -> tuple[Any, dict[str, Any]]:
+        """A channel to the target and a callable per RPC path, from `grpc` or `grpc.aio` alike.
+
+        Both modules offer the same channel constructors and method factories; only what the
+        callables return (a value or an awaitable) differs, and that is the wrappers' business.
+        """
+        if self.credentials is None:
+            channel = grpc_module.insecure_channel(self.target, options=self.options)
+        else:
+            channel = grpc_module.secure_channel(self.target, self.credentials, options=self.options)
+        methods = {}
+        for rpc in RPCS:
+            factory = channel.stream_stream if rpc.streaming else channel.unary_unary
+            methods[rpc.path] = factory(
+                rpc.path,
+                request_serializer=rpc.request_serializer,
+                response_deserializer=rpc.response_deserializer,
+            )
+        return channel, methods
+
     # --- per-call settings -------------------------------------------------------------------
 
     def deadline(self, timeout_s: float | None) -> Deadline:
