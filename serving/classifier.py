@@ -31,8 +31,7 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
             logits = await self.plane.infer_images(model, payload.images, deadline)
         else:
             logits = await self.plane.infer_tensor(model, payload.tensor, deadline)
-        labels = list(model.metadata.labels) or [str(i) for i in range(model.num_classes)]
-        return codec.encode_classify_response(request, model.name, model.version, logits, labels)
+        return codec.encode_classify_response(request, model.name, model.version, logits, model.labels)
 
     @grpc_errors
     async def ClassifyStream(

@@ -76,7 +76,7 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             model.backend.output.name,
             logits,
             options.classification_k,
-            list(model.metadata.labels) or [str(i) for i in range(model.num_classes)],
+            model.labels,
         )
 
     @grpc_errors

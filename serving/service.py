@@ -62,6 +62,11 @@ class LoadedModel:
     def num_classes(self) -> int:
         return self.metadata.num_classes
 
+    @property
+    def labels(self) -> list[str]:
+        """One label per class: the model card's, or the class indices where it has none."""
+        return [self.metadata.label(i) for i in range(self.num_classes)]
+
 
 def load_model(
     source: ModelSource, metrics: ServerMetrics | None, preprocess_workers: int, max_image_pixels: int
