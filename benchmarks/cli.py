@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hrnet.cli import CommandError
+from core.errors import CommandError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from hrnet.metadata import ModelMetadata
+from core.metadata import ModelMetadata
 from serving.preprocess import (
     ImagePreprocessor,
     PreprocessSpec,

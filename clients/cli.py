@@ -22,7 +22,7 @@ from clients.core import DEFAULT_TARGET, DEFAULT_TOP_K
 from clients.errors import ClientError
 from clients.images import find_images
 from clients.results import StreamResult
-from hrnet.cli import CommandError
+from core.errors import CommandError
 
 TOKEN_ENV = "HRNET_AUTH_TOKEN"  # the variable the server reads its token from
 

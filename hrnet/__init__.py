@@ -1,8 +1,5 @@
-"""HRNet image classification: training, export and gRPC serving."""
+"""The `hrnet` command and `hrnet demo`: the top layer, which may use every other package."""
 
-from importlib.metadata import PackageNotFoundError, version
+from core import __version__
 
-try:
-    __version__ = version("hrnet")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+source"
+__all__ = ["__version__"]

@@ -13,13 +13,8 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from hrnet import __version__
-
-
-class CommandError(Exception):
-    """A failure caused by the user's input or environment: printed as one line, exit code 2."""
-
-    exit_code = 2
+from core import __version__
+from core.errors import CommandError
 
 
 @dataclass(frozen=True)
@@ -30,6 +25,8 @@ class Command:
     extra: str
     help: str
 
+
+OUR_PACKAGES = ("core", "protos", "training", "serving", "clients", "benchmarks", "hrnet")
 
 COMMANDS: dict[str, Command] = {
     "info": Command("training.info", "train", "parameter and multiply-accumulate counts of an architecture"),
@@ -71,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(command.module)
     except ModuleNotFoundError as exc:
-        if exc.name and not exc.name.startswith(("training", "serving", "clients", "benchmarks", "hrnet")):
+        if exc.name and not exc.name.startswith(OUR_PACKAGES):
             hint = f"pip install 'hrnet[{command.extra}]'" if command.extra else "pip install hrnet"
             print(
                 f"hrnet {name}: needs the package {exc.name!r}, not installed here ({hint})", file=sys.stderr

@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 import training
 from clients import Client, ClientError, RetryPolicy
-from hrnet import __version__
-from hrnet.atomic import atomic_write_text
-from hrnet.cli import CommandError
+from core import __version__
+from core.atomic import atomic_write_text
+from core.errors import CommandError
 
 STAGES = ("data", "train", "eval", "export", "serve", "classify", "score", "summary")
 CONFIG = Path(training.__file__).parent / "configs" / "hrnet_digits.yaml"

@@ -17,7 +17,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from hrnet.cli import CommandError
+from core.errors import CommandError
 from serving.config import ConfigError, ServerConfig, load_server_config
 from serving.errors import ModelLoadError
 from serving.logs import configure

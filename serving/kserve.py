@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from hrnet import __version__
+from core import __version__
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc
 from protos import model_config_pb2 as mc

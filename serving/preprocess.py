@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from hrnet.metadata import ModelMetadata
+from core.metadata import ModelMetadata
 
 # 50 megapixels: every consumer camera's full-resolution photo, about 150 MB once decoded to RGB.
 DEFAULT_MAX_PIXELS = 50_000_000

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from hrnet.metadata import MetadataError, ModelMetadata
+from core.metadata import MetadataError, ModelMetadata
 from serving.backends import MODEL_FILES, Backend
 from serving.config import ModelConfig, load_model_config
 from serving.errors import ModelLoadError

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hrnet.metadata import ModelMetadata
+from core.metadata import ModelMetadata
 from serving.backends import Backend, open_backend
 from serving.batcher import Batcher
 from serving.errors import InvalidArgument, ModelNotFound, ServingError, Unavailable

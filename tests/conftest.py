@@ -80,7 +80,7 @@ def _plain_onnx(path: Path) -> None:
 def model_repo(tmp_path_factory: pytest.TempPathFactory) -> ModelRepo:
     import mindspore as ms
 
-    from hrnet.metadata import ModelMetadata
+    from core.metadata import ModelMetadata
     from training.export import export_network
     from training.model import create_model
 

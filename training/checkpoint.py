@@ -12,8 +12,8 @@ from pathlib import Path
 import mindspore as ms
 from mindspore import nn
 
-from hrnet.atomic import atomic_path
-from hrnet.metadata import METADATA_KEY, MetadataError, ModelMetadata
+from core.atomic import atomic_path
+from core.metadata import METADATA_KEY, MetadataError, ModelMetadata
 
 EPOCH_KEY = "epoch_num"
 STEP_KEY = "step_num"

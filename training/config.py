@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from hrnet.metadata import IMAGENET_MEAN, IMAGENET_STD
+from core.metadata import IMAGENET_MEAN, IMAGENET_STD
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEVICE_TARGETS = ("CPU", "GPU", "Ascend")

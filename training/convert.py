@@ -19,9 +19,9 @@ from mindspore import Parameter, Tensor, nn
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from hrnet.atomic import atomic_path
-from hrnet.cli import CommandError
-from hrnet.metadata import METADATA_KEY, ModelMetadata
+from core.atomic import atomic_path
+from core.errors import CommandError
+from core.metadata import METADATA_KEY, ModelMetadata
 from training.checkpoint import load_into, read_checkpoint, save_checkpoint
 from training.model import canonical_arch, create_model
 

@@ -14,7 +14,7 @@ import mindspore.dataset as ds
 import mindspore.dataset.vision as vision
 from mindspore.dataset.transforms import TypeCast
 
-from hrnet.metadata import ModelMetadata
+from core.metadata import ModelMetadata
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 

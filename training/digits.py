@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hrnet.atomic import atomic_write_text
-from hrnet.cli import CommandError
+from core.atomic import atomic_write_text
+from core.errors import CommandError
 
 DEFAULT_SIZE = 32
 DEFAULT_SEED = 0

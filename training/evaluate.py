@@ -15,9 +15,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
-from hrnet.atomic import atomic_write_text
-from hrnet.cli import CommandError
-from hrnet.metadata import MetadataError
+from core.atomic import atomic_write_text
+from core.errors import CommandError
+from core.metadata import MetadataError
 from training.checkpoint import load_into, read_checkpoint
 from training.data import eval_dataset
 from training.loss import LabelSmoothingCrossEntropy

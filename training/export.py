@@ -19,10 +19,10 @@ import numpy as np
 import onnx
 from mindspore import nn
 
-from hrnet import __version__
-from hrnet.atomic import atomic_path
-from hrnet.cli import CommandError
-from hrnet.metadata import ModelMetadata, sidecar_path
+from core import __version__
+from core.atomic import atomic_path
+from core.errors import CommandError
+from core.metadata import ModelMetadata, sidecar_path
 from training.checkpoint import load_into, read_checkpoint
 from training.model import canonical_arch, create_model
 from training.onnx_graph import BakedBatchError, finish_graph, read_metadata

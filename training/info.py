@@ -10,7 +10,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
-from hrnet.cli import CommandError
+from core.errors import CommandError
 from training.model import ARCHS, canonical_arch, create_model
 
 

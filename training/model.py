@@ -17,6 +17,8 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import Normal, TruncatedNormal, Zero
 
+from core.onednn import cap_onednn_isa
+
 BN_MOMENTUM = 0.9  # MindSpore convention: running = momentum * running + (1 - momentum) * batch
 BN_EPS = 1e-5
 CONV_INIT_SIGMA = 0.027  # the seed's TruncatedNormal for every convolution
@@ -276,6 +278,9 @@ class HRNet(nn.Cell):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        # Every training, evaluation, export and conversion path builds its network here, before
+        # MindSpore runs its first convolution: the one moment the oneDNN cap can still apply.
+        cap_onednn_isa()
         self.num_classes = num_classes
         stem = spec.stem_width
         self.conv1 = conv(3, stem, 3, 2)

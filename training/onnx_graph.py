@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnx
 
-from hrnet.metadata import METADATA_KEY, ModelMetadata
+from core.metadata import METADATA_KEY, ModelMetadata
 
 BATCH_DIM = "batch"
 

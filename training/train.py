@@ -29,9 +29,9 @@ from mindspore import nn
 from mindspore.common.initializer import HeNormal, XavierUniform, initializer
 from tqdm import tqdm
 
-from hrnet.atomic import atomic_write_text
-from hrnet.cli import CommandError
-from hrnet.metadata import ModelMetadata
+from core.atomic import atomic_write_text
+from core.errors import CommandError
+from core.metadata import ModelMetadata
 from training.checkpoint import load_into, read_checkpoint, save_checkpoint
 from training.config import (
     ConfigError,

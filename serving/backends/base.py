@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from hrnet.metadata import ModelMetadata
+from core.metadata import ModelMetadata
 from serving.config import ModelConfig
 
 

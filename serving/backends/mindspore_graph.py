@@ -11,8 +11,8 @@ import threading
 
 import numpy as np
 
-from hrnet.metadata import read_sidecar
-from hrnet.onednn import cap_onednn_isa
+from core.metadata import read_sidecar
+from core.onednn import cap_onednn_isa
 from serving.backends.base import Backend, TensorSpec
 from serving.errors import ModelLoadError
 

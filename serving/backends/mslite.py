@@ -10,7 +10,7 @@ import threading
 
 import numpy as np
 
-from hrnet.metadata import read_sidecar
+from core.metadata import read_sidecar
 from serving.backends.base import Backend, TensorSpec
 from serving.errors import ModelLoadError
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hrnet.metadata import METADATA_KEY, ModelMetadata
+from core.metadata import METADATA_KEY, ModelMetadata
 from serving.backends.base import Backend, TensorSpec
 from serving.errors import ModelLoadError
 

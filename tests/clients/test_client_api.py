@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from clients import Classification, ClientError, StreamResult
-from hrnet.metadata import ModelMetadata
+from core.metadata import ModelMetadata
 from serving.preprocess import PreprocessSpec, preprocess_image
 from training.export import read_onnx_metadata
 

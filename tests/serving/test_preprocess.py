@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from hrnet.metadata import ModelMetadata
+from core.metadata import ModelMetadata
 from serving.preprocess import (
     ImageError,
     ImagePreprocessor,

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from hrnet.metadata import ModelMetadata
+from core.metadata import ModelMetadata
 from serving.preprocess import PreprocessSpec, preprocess_image
 
 PROBE = Path(__file__).with_name("triton_probe.py")

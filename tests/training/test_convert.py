@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from core.metadata import ModelMetadata
 from hrnet.cli import main
-from hrnet.metadata import ModelMetadata
 from training.checkpoint import load_into, read_checkpoint, save_checkpoint
 from training.convert import ConversionError, convert_official, name_table, to_official
 from training.model import ARCHS, create_model

@@ -20,8 +20,8 @@ import onnxruntime as ort
 import pytest
 from mindspore import nn, ops
 
+from core.metadata import METADATA_KEY, ModelMetadata, read_sidecar
 from hrnet.cli import main
-from hrnet.metadata import METADATA_KEY, ModelMetadata, read_sidecar
 from training.checkpoint import load_into, read_checkpoint, save_checkpoint
 from training.export import (
     ExportError,
