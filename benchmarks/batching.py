@@ -10,11 +10,6 @@ by `requests`.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +19,8 @@ import numpy as np
 
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
+from serving.process import ServerProcess
+from serving.repository import default_model_name
 
 
 @dataclass(frozen=True)
@@ -38,32 +35,6 @@ class Measurement:
     @property
     def throughput(self) -> float:
         return self.images / self.seconds
-
-
-def start_server(model: Path, *flags: str, timeout_s: float = 120) -> tuple[subprocess.Popen, str]:
-    """`hrnet serve --model MODEL FLAGS` on a free port; returns the process and its address."""
-    cmd = [sys.executable, "-m", "hrnet", "serve", "--model", str(model), "--host", "127.0.0.1"]
-    cmd += ["--port", "0", "--metrics-port", "-1", "--log-format", "json", *flags]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ})
-    deadline = time.monotonic() + timeout_s
-    assert proc.stderr is not None
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            raise RuntimeError(f"hrnet serve exited with {proc.wait()} before serving")
-        if line.startswith("{") and json.loads(line).get("msg") == "serving":
-            return proc, json.loads(line)["address"]
-    proc.kill()
-    raise RuntimeError("hrnet serve did not start in time")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 async def drive(
@@ -105,14 +76,10 @@ async def drive(
 
 
 def measure(model: Path, setting: str, flags: list[str], concurrency: int, requests: int) -> Measurement:
-    proc, address = start_server(model, *flags)
-    try:
-        name = (
-            model.parent.parent.name if model.stem == "model" and model.parent.name.isdigit() else model.stem
+    with ServerProcess(["--model", model, "--metrics-port", "-1", *flags]) as server:
+        latencies, elapsed, mean_batch = asyncio.run(
+            drive(server.address, default_model_name(model), concurrency, requests)
         )
-        latencies, elapsed, mean_batch = asyncio.run(drive(address, name, concurrency, requests))
-    finally:
-        stop_server(proc)
     ms = np.array(latencies) * 1e3
     return Measurement(
         setting,

@@ -16,7 +16,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,17 +27,17 @@ from pathlib import Path
 from tqdm import tqdm
 
 import training
-from clients import Client, ClientError, RetryPolicy
+from clients import Client, ClientError
 from core import __version__
 from core.atomic import atomic_write_text
 from core.errors import CommandError
+from serving.process import ServerExited, ServerProcess
 
 STAGES = ("data", "train", "eval", "export", "serve", "classify", "score", "summary")
 CONFIG = Path(training.__file__).parent / "configs" / "hrnet_digits.yaml"
 CACHE_FILE = "demo_cache.json"  # in the training run's folder: the key of the inputs it was trained from
 MODEL_NAME = "digits"
 SERVER_START_TIMEOUT_S = 120.0
-SERVER_STOP_TIMEOUT_S = 15.0
 STREAM_IN_FLIGHT = 32
 
 
@@ -95,7 +94,7 @@ class Demo:
         started = time.monotonic()
         try:
             yield
-        except (StageFailed, ClientError, OSError, ValueError) as exc:
+        except (StageFailed, ServerExited, ClientError, OSError, ValueError) as exc:
             raise CommandError(f"stage {name!r} failed: {exc}") from exc
         print(
             f"[{self.stage_no}/{len(STAGES)}] {name}: done in {time.monotonic() - started:.1f} s", flush=True
@@ -112,23 +111,30 @@ class Demo:
             eval_top1 = self.evaluate(ckpt, reused)
         with self.stage("export", "hrnet export to ONNX and MINDIR"):
             self.export(ckpt, reused)
-        port = _free_port()
-        address = f"127.0.0.1:{port}"
-        server: subprocess.Popen | None = None
+        server = ServerProcess(
+            [
+                "--repo", self.repo,
+                "--metrics-port", "-1",
+                "--log-format", "text",
+                "--grace-period", "5",
+            ],
+            log_path=self.work / "server.log",
+        )  # fmt: skip
         try:
-            with self.stage("serve", f"hrnet serve --repo {self.repo} on {address}"):
-                server = self.launch_server(port)
-                self.wait_until_ready(server, port)
-            with Client(address, timeout_s=60) as client:
+            with self.stage("serve", f"hrnet serve --repo {self.repo} on {server.address}"):
+                print(f"server log: {server.log_path}")
+                server.start(SERVER_START_TIMEOUT_S)
+            with Client(server.address, timeout_s=60) as client:
                 with self.stage("classify", "hrnet classify on a few val images"):
-                    _hrnet("classify", *self.sample_images(), "--server", address, "--top-k", "3")
+                    _hrnet("classify", *self.sample_images(), "--server", server.address, "--top-k", "3")
                 with self.stage(
                     "score", f"the whole val split through the server ({STREAM_IN_FLIGHT} in flight)"
                 ):
                     n, top1, rate = self.score(client)
         finally:
-            if server is not None:
-                _stop(server)
+            code = server.stop()
+            if code is not None:
+                print(f"server stopped (exit {code})", flush=True)
         with self.stage("summary", f"written to {self.work / 'summary.json'}"):
             summary = Summary(
                 val_images=n,
@@ -136,7 +142,7 @@ class Demo:
                 eval_top1=eval_top1,
                 images_per_s=rate,
                 train_reused=reused,
-                server=address,
+                server=server.address,
                 onnx=str(self.onnx),
                 mindir=str(self.mindir),
                 seconds=round(time.monotonic() - started, 1),
@@ -216,35 +222,6 @@ class Demo:
                 continue
             _hrnet("export", "--ckpt", ckpt, "--format", fmt, "--out", out, "--force")
 
-    def launch_server(self, port: int) -> subprocess.Popen:
-        log_path = self.work / "server.log"
-        print(f"server log: {log_path}")
-        command = [
-            *_hrnet_command("serve"),
-            "--repo", str(self.repo),
-            "--host", "127.0.0.1",
-            "--port", str(port),
-            "--metrics-port", "-1",
-            "--log-format", "text",
-            "--grace-period", "5",
-        ]  # fmt: skip
-        with open(log_path, "wb") as log_file:
-            return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=_child_env())
-
-    def wait_until_ready(self, server: subprocess.Popen, port: int) -> None:
-        log_path = self.work / "server.log"
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        with Client(f"127.0.0.1:{port}", timeout_s=2, retry=RetryPolicy.off()) as probe:
-            while time.monotonic() < deadline:
-                if server.poll() is not None:
-                    tail = log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
-                    raise StageFailed(f"hrnet serve exited with {server.returncode}:\n{tail}")
-                with contextlib.suppress(ClientError):
-                    if probe.health(model=MODEL_NAME).model_ready:
-                        return
-                time.sleep(0.25)
-        raise StageFailed(f"the server was not ready within {SERVER_START_TIMEOUT_S:.0f} s (see {log_path})")
-
     def sample_images(self) -> list[str]:
         """The first val image of three classes."""
         classes = sorted(p for p in (self.data / "val").iterdir() if p.is_dir())[:3]
@@ -298,25 +275,6 @@ def _hrnet(*args: object) -> None:
     code = subprocess.run(command, env=_child_env(), check=False).returncode
     if code != 0:
         raise StageFailed(f"`hrnet {args[0]}` exited with {code} (its output is above)")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _stop(server: subprocess.Popen) -> None:
-    """SIGTERM (the server drains), then SIGKILL if it does not exit in time."""
-    if server.poll() is not None:
-        return
-    server.send_signal(signal.SIGTERM)
-    try:
-        server.wait(SERVER_STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
-    print(f"server stopped (exit {server.returncode})", flush=True)
 
 
 def _package_version(name: str) -> str:

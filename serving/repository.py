@@ -58,15 +58,18 @@ def _version_key(path: Path) -> int:
     return int(path.name)
 
 
+def default_model_name(path: Path) -> str:
+    """The file's stem, or for `model.onnx` its model folder (REPO/<model>/<version>/ or <model>/)."""
+    if path.stem != "model":
+        return path.stem
+    return (path.parent.parent if path.parent.name.isdigit() else path.parent).name
+
+
 def single_model(path: Path, name: str, config: ModelConfig) -> ModelSource:
     """`hrnet serve --model file.onnx`: one model, version 1, named after the file (or its model folder)."""
     if not path.is_file():
         raise ModelLoadError(f"model file {path} does not exist")
-    if not name:
-        name = path.stem
-        if name == "model":  # REPO/<model>/<version>/model.onnx or <model>/model.onnx
-            folder = path.parent.parent if path.parent.name.isdigit() else path.parent
-            name = folder.name
+    name = name or default_model_name(path)
     if not NAME.match(name):
         raise ModelLoadError(f"model name {name!r}: use letters, digits, '_', '-' and '.' (--model-name)")
     return ModelSource(name, "1", path, config)

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from serving.process import free_port
 from training.checkpoint import load_into, read_checkpoint
 from training.config import load_config
 from training.digits import write_digits
@@ -117,17 +117,11 @@ def test_digits_train_then_eval_reaches_95_percent(digits, tmp_path):
     assert result["Top_5_Acc"] >= result["Top_1_Acc"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.timeout(1200)
 def test_msrun_two_workers_shard_data_and_end_identical(small_digits, tmp_path):
     run_dir, log_dir = tmp_path / "run", tmp_path / "msrun_logs"
     per_rank_batch = 10  # 100 images / 2 ranks = 50 per rank = 5 full steps, nothing dropped
-    msrun = [str(BIN / "msrun"), "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}"]
+    msrun = [str(BIN / "msrun"), "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}"]
     msrun += [f"--log_dir={log_dir}", "--join=True", str(BIN / "hrnet")]  # msrun runs a script file
     args = _train_args(
         data_path=small_digits, output_dir=run_dir, epochs=1, batch_size=per_rank_batch, lr_scale_batch=10
