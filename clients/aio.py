@@ -22,7 +22,6 @@ from clients.core import (
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT_S,
-    DEFAULT_TOP_K,
     ClientCore,
     StreamOrder,
     UnaryCall,
@@ -31,6 +30,7 @@ from clients.errors import ClientError
 from clients.images import ImageInput, as_list, is_single
 from clients.results import Classification, Health, InferResult, ModelInfo, StreamResult
 from clients.retry import RetryPolicy
+from protos import DEFAULT_TOP_K
 
 T = TypeVar("T")
 

@@ -18,11 +18,12 @@ from tqdm import tqdm
 
 from clients.channel import TlsConfig
 from clients.client import Client
-from clients.core import DEFAULT_TARGET, DEFAULT_TOP_K
+from clients.core import DEFAULT_TARGET
 from clients.errors import ClientError
 from clients.images import find_images
 from clients.results import StreamResult
 from core.errors import CommandError
+from protos import DEFAULT_TOP_K
 
 TOKEN_ENV = "HRNET_AUTH_TOKEN"  # the variable the server reads its token from
 

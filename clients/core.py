@@ -35,7 +35,6 @@ log = logging.getLogger("clients")
 
 DEFAULT_TARGET = "127.0.0.1:8001"
 DEFAULT_TIMEOUT_S = 30.0
-DEFAULT_TOP_K = 5
 DEFAULT_MAX_IN_FLIGHT = 8
 
 # Raw tensor encodings (KServe datatypes, little-endian) the client reads and writes.

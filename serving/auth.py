@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from serving.errors import ModelLoadError
+from serving.errors import TlsFileError
 
 # Probes that must work without credentials (Kubernetes, load balancers, `grpc_health_probe`).
 EXEMPT_METHODS = frozenset(
@@ -94,7 +94,7 @@ def bind(server: grpc.aio.Server, address: str, cert: str, key: str, client_ca: 
         chain, private_key = Path(cert).read_bytes(), Path(key).read_bytes()
         client_roots = Path(client_ca).read_bytes() if client_ca else None
     except OSError as exc:
-        raise ModelLoadError(f"cannot read a TLS file: {exc}") from None
+        raise TlsFileError(f"cannot read a TLS file: {exc}") from None
     credentials = grpc.ssl_server_credentials(
         [(private_key, chain)], root_certificates=client_roots, require_client_auth=bool(client_ca)
     )

@@ -27,10 +27,7 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
         model = self.plane.get(request.model_name, request.model_version)
         payload = codec.decode_classify_request(request)
         deadline = self.plane.deadline(model, timeout_s)
-        if payload.images is not None:
-            logits = await self.plane.infer_images(model, payload.images, deadline)
-        else:
-            logits = await self.plane.infer_tensor(model, payload.tensor, deadline)
+        logits = await self.plane.infer(model, payload, deadline)
         return codec.encode_classify_response(request, model.name, model.version, logits, model.labels)
 
     @grpc_errors

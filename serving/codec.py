@@ -10,19 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protos import classifier_pb2, grpc_service_pb2
+from protos import DEFAULT_TOP_K, classifier_pb2, grpc_service_pb2
 from serving.errors import InvalidArgument
+from serving.service import InferInput
 
 DATATYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
-DEFAULT_TOP_K = 5
-
-
-@dataclass(frozen=True)
-class InferInput:
-    """A request's payload: a preprocessed tensor or encoded images, never both."""
-
-    tensor: np.ndarray | None = None
-    images: list[bytes] | None = None
 
 
 @dataclass(frozen=True)

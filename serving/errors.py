@@ -62,7 +62,19 @@ class InferenceFailed(ServingError):
     code = "INTERNAL"
 
 
-class ModelLoadError(ServingError):
-    """A model in the repository is missing, corrupt or misconfigured (reported at start)."""
+class StartError(ServingError):
+    """The server cannot start as configured; `hrnet serve` prints the message and exits 2."""
 
     code = "FAILED_PRECONDITION"
+
+
+class ListenError(StartError):
+    """A port cannot be bound (in use, or not permitted)."""
+
+
+class TlsFileError(StartError):
+    """A configured TLS certificate, key or CA file cannot be read."""
+
+
+class ModelLoadError(StartError):
+    """A model in the repository is missing, corrupt or misconfigured."""

@@ -66,10 +66,7 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         payload = codec.decode_infer_request(request, model.backend.input.name)
         timeout_s = remaining_s(context, options.timeout_s) if context else options.timeout_s
         deadline = self.plane.deadline(model, timeout_s)
-        if payload.images is not None:
-            logits = await self.plane.infer_images(model, payload.images, deadline, options.priority)
-        else:
-            logits = await self.plane.infer_tensor(model, payload.tensor, deadline, options.priority)
+        logits = await self.plane.infer(model, payload, deadline, options.priority)
         return codec.encode_infer_response(
             request,
             model.version,

@@ -31,9 +31,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from core.metadata import ModelMetadata
+from serving.config import MAX_IMAGE_PIXELS
 
-# 50 megapixels: every consumer camera's full-resolution photo, about 150 MB once decoded to RGB.
-DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS  # the server's setting, also the default of these functions
 
 # Pillow's names for the accepted containers (multi-picture camera JPEGs open as JPEG, reported as MPO).
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
@@ -65,8 +65,8 @@ class PreprocessSpec:
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
 
     @classmethod
-    def from_metadata(cls, meta: ModelMetadata) -> PreprocessSpec:
-        return cls(input_size=meta.input_size, resize_size=meta.resize_size, mean=meta.mean, std=meta.std)
+    def from_metadata(cls, meta: ModelMetadata, exif_transpose: bool = True) -> PreprocessSpec:
+        return cls(meta.input_size, meta.resize_size, meta.mean, meta.std, exif_transpose)
 
 
 def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:

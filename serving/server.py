@@ -21,7 +21,7 @@ from protos import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_s
 from serving import auth
 from serving.classifier import ClassifierServicer
 from serving.config import ServerConfig
-from serving.errors import ModelLoadError
+from serving.errors import ListenError
 from serving.kserve import KServeServicer
 from serving.metrics import ServerMetrics
 from serving.repository import scan_repository, single_model
@@ -41,7 +41,7 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.metrics = ServerMetrics()
-        self.plane = DataPlane([], self.metrics)
+        self.plane = DataPlane(self.metrics)
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port = -1
@@ -57,7 +57,7 @@ class Server:
             await self.health.set(name, status)
 
     async def start(self) -> None:
-        """Bind, load every model, start batching; raises ModelLoadError and leaves nothing running."""
+        """Bind, load every model, start batching; raises a StartError and leaves nothing running."""
         cfg = self.config
         limit = cfg.max_message_bytes
         self._grpc = grpc.aio.server(
@@ -84,7 +84,7 @@ class Server:
         except RuntimeError:
             self.port = 0
         if not self.port:
-            raise ModelLoadError(f"cannot listen on {cfg.host}:{cfg.port} (in use or not permitted)")
+            raise ListenError(f"cannot listen on {cfg.host}:{cfg.port} (in use or not permitted)")
         await self._set_health(NOT_SERVING, [])
         await self._grpc.start()
         try:

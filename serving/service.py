@@ -29,6 +29,18 @@ log = logging.getLogger(__name__)
 DEFAULT_PRIORITY = 1 << 31
 
 
+@dataclass(frozen=True)
+class InferInput:
+    """A request's payload as the protocols deliver it: a preprocessed tensor or encoded images."""
+
+    tensor: np.ndarray | None = None
+    images: list[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tensor is None) == (self.images is None):
+            raise ValueError("an InferInput holds a tensor or images, exactly one of them")
+
+
 @dataclass
 class LoadedModel:
     """One version of one model: its instances, batcher, preprocessing and statistics."""
@@ -78,9 +90,8 @@ def load_model(
     metadata = resolve_metadata(backends[0], config)
     stats = ModelStats(source.name, source.version, metrics)
     batcher = Batcher(backends, config.batching, listener=stats)
-    preprocessor = ImagePreprocessor(
-        PreprocessSpec.from_metadata(metadata), max_workers=preprocess_workers, max_pixels=max_image_pixels
-    )
+    spec = PreprocessSpec.from_metadata(metadata, exif_transpose=config.exif_transpose)
+    preprocessor = ImagePreprocessor(spec, max_workers=preprocess_workers, max_pixels=max_image_pixels)
     if metrics:
         metrics.watch_queue(source.name, source.version, lambda: batcher.queued_images)
     log.info(
@@ -103,14 +114,9 @@ class DataPlane:
     """Every model the server holds, by name and version; the newest version is the default."""
 
     def __init__(
-        self,
-        models: list[LoadedModel],
-        metrics: ServerMetrics | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        self, metrics: ServerMetrics | None = None, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._models: dict[str, dict[str, LoadedModel]] = {}
-        for model in models:
-            self.add(model)
         self.metrics = metrics
         self.clock = clock
         self.accepting = False
@@ -181,26 +187,19 @@ class DataPlane:
             timeout_s = default_us / 1e6 if default_us else None
         return None if timeout_s is None else self.clock() + timeout_s
 
-    async def infer_tensor(
-        self, model: LoadedModel, batch: np.ndarray, deadline: float | None = None, priority: int = 0
+    async def infer(
+        self, model: LoadedModel, payload: InferInput, deadline: float | None = None, priority: int = 0
     ) -> np.ndarray:
-        """Logits (N, classes) for a preprocessed NCHW batch (FP32 or FP16)."""
+        """Logits (N, classes): a tensor is checked against the model's input, encoded images are
+        decoded with the model's eval transform."""
 
         async def prepare() -> np.ndarray:
-            return self._check_tensor(model, batch)
-
-        return await self._run(model, prepare, deadline, priority)
-
-    async def infer_images(
-        self, model: LoadedModel, images: list[bytes], deadline: float | None = None, priority: int = 0
-    ) -> np.ndarray:
-        """Logits (N, classes) for encoded images, decoded with the model's eval transform."""
-
-        async def prepare() -> np.ndarray:
-            if not images:
+            if payload.tensor is not None:
+                return self._check_tensor(model, payload.tensor)
+            if not payload.images:
                 raise InvalidArgument("no images in the request")
             try:
-                return await model.preprocessor.preprocess_many(images)
+                return await model.preprocessor.preprocess_many(payload.images)
             except ImageError as exc:
                 raise InvalidArgument(str(exc)) from None
 

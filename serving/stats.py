@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections import Counter as Tally
 from dataclasses import dataclass, field
 
 from serving.batcher import BatchRecord
@@ -39,7 +38,6 @@ class ModelStats:
     execution_count: int = 0  # batches executed
     last_inference_ms: int = 0
     batches: dict[int, Duration] = field(default_factory=dict)  # batch size -> executions
-    drops: Tally[str] = field(default_factory=Tally)  # images dropped before compute, by reason
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def snapshot(self) -> ModelStats:
@@ -53,7 +51,6 @@ class ModelStats:
                 queue=dataclasses.replace(self.queue),
                 compute_infer=dataclasses.replace(self.compute_infer),
                 batches={k: dataclasses.replace(v) for k, v in self.batches.items()},
-                drops=Tally(self.drops),
                 _lock=threading.Lock(),
             )
 
@@ -77,8 +74,7 @@ class ModelStats:
                 self.metrics.images.labels(*labels).inc(record.size)
 
     def dropped(self, images: int, reason: str) -> None:
-        with self._lock:
-            self.drops[reason] += images
+        # KServe's statistics have no field for them: Prometheus is where drops are counted.
         if self.metrics:
             self.metrics.dropped.labels(self.name, self.version, reason).inc(images)
 

@@ -1,7 +1,9 @@
 """Model runtimes behind `Backend`, chosen by file type, availability and config.
 
-Each lives in its own module and imports its library only when a model is loaded, so a server
-serving ONNX never imports MindSpore.
+Each backend is one module whose class declares its `name`, the file `suffixes` it runs and the
+`library` it needs; `REGISTRY` lists them in order of preference for `backend: auto`. Adding a
+backend is one new module plus one line here. Backend modules import their heavy library only
+in `load()`, so a server serving ONNX never imports MindSpore.
 """
 
 from __future__ import annotations
@@ -14,60 +16,66 @@ from serving.backends.base import Backend, TensorSpec
 from serving.config import ModelConfig
 from serving.errors import ModelLoadError
 
-BACKENDS: dict[str, str] = {
-    "onnxruntime": "serving.backends.onnxrt:OnnxRuntimeBackend",
-    "mindspore_lite": "serving.backends.mslite:MindSporeLiteBackend",
-    "mindspore": "serving.backends.mindspore_graph:MindSporeBackend",
-}
-LIBRARIES = {"onnxruntime": "onnxruntime", "mindspore_lite": "mindspore_lite", "mindspore": "mindspore"}
-# Backends able to run each file type, in order of preference for `backend: auto`.
-BY_SUFFIX: dict[str, tuple[str, ...]] = {
-    ".onnx": ("onnxruntime",),
-    ".mindir": ("mindspore_lite", "mindspore"),
-}
-MODEL_FILES = tuple(f"model{suffix}" for suffix in BY_SUFFIX)
-
-__all__ = ["BACKENDS", "BY_SUFFIX", "MODEL_FILES", "Backend", "TensorSpec", "backend_class", "open_backend"]
+REGISTRY = (
+    "serving.backends.onnxrt:OnnxRuntimeBackend",
+    "serving.backends.mslite:MindSporeLiteBackend",
+    "serving.backends.mindspore_graph:MindSporeBackend",
+)
 
 
-def unavailable_reason(name: str) -> str | None:
-    """Why backend `name` cannot run here, or None when it can."""
-    library = LIBRARIES[name]
-    if importlib.util.find_spec(library) is None:
-        return f"the {name} backend needs the Python package {library!r}, which is not installed"
+def _import(reference: str) -> type[Backend]:
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+BACKENDS: dict[str, type[Backend]] = {cls.name: cls for cls in map(_import, REGISTRY)}
+# The file names a model version folder may hold, in the registry's order: model.onnx, model.mindir.
+MODEL_FILES = tuple(dict.fromkeys(f"model{s}" for cls in BACKENDS.values() for s in cls.suffixes))
+
+__all__ = ["BACKENDS", "MODEL_FILES", "Backend", "TensorSpec", "backend_names", "open_backend"]
+
+
+def backend_names() -> list[str]:
+    return list(BACKENDS)
+
+
+def unavailable_reason(cls: type[Backend]) -> str | None:
+    """Why backend `cls` cannot run here, or None when it can."""
+    if importlib.util.find_spec(cls.library) is None:
+        return f"the {cls.name} backend needs the Python package {cls.library!r}, which is not installed"
     return None
 
 
-def backend_class(name: str) -> type[Backend]:
-    module, _, cls = BACKENDS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
-
-
-def choose(path: Path, config: ModelConfig) -> str:
-    candidates = BY_SUFFIX.get(path.suffix.lower())
-    if candidates is None:
-        raise ModelLoadError(f"{path}: unsupported model file type; expected one of {', '.join(BY_SUFFIX)}")
+def choose(path: Path, config: ModelConfig) -> type[Backend]:
+    suffix = path.suffix.lower()
+    candidates = [cls for cls in BACKENDS.values() if suffix in cls.suffixes]
+    if not candidates:
+        known = ", ".join(dict.fromkeys(s for cls in BACKENDS.values() for s in cls.suffixes))
+        raise ModelLoadError(f"{path}: unsupported model file type; expected one of {known}")
     if config.backend != "auto":
-        if config.backend not in candidates:
+        chosen = BACKENDS.get(config.backend)
+        if chosen is None:
+            raise ModelLoadError(
+                f"unknown backend {config.backend!r}; use auto or one of {', '.join(BACKENDS)}"
+            )
+        if chosen not in candidates:
             raise ModelLoadError(f"{path}: the {config.backend} backend cannot run {path.suffix} files")
-        reason = unavailable_reason(config.backend)
+        reason = unavailable_reason(chosen)
         if reason:
             raise ModelLoadError(f"{path}: {reason}")
-        return config.backend
-    for name in candidates:
-        if unavailable_reason(name) is None:
-            return name
-    raise ModelLoadError(
-        f"{path}: no backend installed for {path.suffix}: "
-        + "; ".join(unavailable_reason(n) or "" for n in candidates)
-    )
+        return chosen
+    for cls in candidates:
+        if unavailable_reason(cls) is None:
+            return cls
+    reasons = "; ".join(unavailable_reason(cls) or "" for cls in candidates)
+    raise ModelLoadError(f"{path}: no backend installed for {path.suffix}: {reasons}")
 
 
 def open_backend(path: Path, config: ModelConfig) -> Backend:
     """A loaded instance of the right backend for `path`; ModelLoadError with the reason otherwise."""
     if not path.is_file():
         raise ModelLoadError(f"model file {path} does not exist")
-    backend = backend_class(choose(path, config))(path, config)
+    backend = choose(path, config)(path, config)
     try:
         backend.load()
     except ModelLoadError:

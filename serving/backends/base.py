@@ -29,7 +29,10 @@ class TensorSpec:
 
 
 class Backend(ABC):
+    """One backend module declares these three and `serving/backends/__init__.py` lists it once."""
+
     name: ClassVar[str]  # as in config.yaml `backend:`
+    suffixes: ClassVar[tuple[str, ...]]  # model file types it runs (`model<suffix>` in a repository)
     platform: ClassVar[str]  # as KServe ModelMetadata reports it
     library: ClassVar[str]  # the module `load()` imports; absent -> the backend is unavailable
 

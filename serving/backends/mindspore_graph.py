@@ -22,6 +22,7 @@ _EXECUTOR_LOCK = threading.Lock()
 
 class MindSporeBackend(Backend):
     name = "mindspore"
+    suffixes = (".mindir",)
     platform = "mindspore_mindir"
     library = "mindspore"
 

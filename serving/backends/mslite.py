@@ -19,6 +19,7 @@ LITE_TARGETS = {"cpu": ["cpu"], "gpu": ["gpu", "cpu"], "ascend": ["ascend", "cpu
 
 class MindSporeLiteBackend(Backend):
     name = "mindspore_lite"
+    suffixes = (".mindir",)
     platform = "mindspore_mindir"
     library = "mindspore_lite"
 

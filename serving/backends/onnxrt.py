@@ -35,6 +35,7 @@ def _shape(dims: list) -> tuple[int, ...]:
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    suffixes = (".onnx",)
     platform = "onnxruntime_onnx"
     library = "onnxruntime"
 

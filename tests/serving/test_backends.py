@@ -10,19 +10,19 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from serving.backends import BACKENDS, BY_SUFFIX, open_backend, unavailable_reason
+from serving.backends import BACKENDS, MODEL_FILES, open_backend, unavailable_reason
 from serving.backends.onnxrt import choose_providers
 from serving.config import ModelConfig
 from serving.errors import ModelLoadError
 
 
 def _file_for(name: str, repo):
-    return repo.onnx if name in BY_SUFFIX[".onnx"] else repo.mindir
+    return repo.onnx if ".onnx" in BACKENDS[name].suffixes else repo.mindir
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def backend_name(request) -> str:
-    reason = unavailable_reason(request.param)
+    reason = unavailable_reason(BACKENDS[request.param])
     if reason:
         pytest.skip(reason)
     return request.param
@@ -59,7 +59,7 @@ def test_infers_any_batch_size_like_the_reference(backend_name, model_repo, refe
 
 
 def test_missing_and_corrupt_files_are_load_errors(backend_name, tmp_path) -> None:
-    suffix = next(s for s, names in BY_SUFFIX.items() if backend_name in names)
+    suffix = BACKENDS[backend_name].suffixes[0]
     config = ModelConfig(backend=backend_name)
     with pytest.raises(ModelLoadError, match="does not exist"):
         open_backend(tmp_path / f"model{suffix}", config)
@@ -71,8 +71,8 @@ def test_missing_and_corrupt_files_are_load_errors(backend_name, tmp_path) -> No
 
 def test_backend_modules_import_their_library_only_when_loading() -> None:
     code = (
-        "import sys; from serving.backends import BACKENDS, backend_class\n"
-        "[backend_class(n) for n in BACKENDS]\n"
+        "import sys; from serving.backends import BACKENDS\n"
+        "assert len(BACKENDS) == 3\n"
         "print(sorted(m for m in ('mindspore', 'mindspore_lite', 'onnxruntime') if m in sys.modules))"
     )
     proc = subprocess.run(
@@ -83,10 +83,17 @@ def test_backend_modules_import_their_library_only_when_loading() -> None:
 
 def test_auto_backend_and_refusals(model_repo) -> None:
     assert open_backend(model_repo.onnx, ModelConfig()).name == "onnxruntime"
-    expected_ms = "mindspore_lite" if unavailable_reason("mindspore_lite") is None else "mindspore"
+    expected_ms = "mindspore_lite" if unavailable_reason(BACKENDS["mindspore_lite"]) is None else "mindspore"
     assert open_backend(model_repo.mindir, ModelConfig()).name == expected_ms
     with pytest.raises(ModelLoadError, match=r"cannot run \.onnx files"):
         open_backend(model_repo.onnx, ModelConfig(backend="mindspore"))
+    with pytest.raises(ModelLoadError, match="unknown backend 'tensorflow'; use auto or one of onnxruntime"):
+        open_backend(model_repo.onnx, ModelConfig(backend="tensorflow"))
+
+
+def test_the_registry_is_the_one_list_of_backends_and_file_types() -> None:
+    assert list(BACKENDS) == ["onnxruntime", "mindspore_lite", "mindspore"]  # the order `auto` prefers
+    assert MODEL_FILES == ("model.onnx", "model.mindir")
 
 
 def test_provider_order_and_configured_providers() -> None:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from serving.cli import add_arguments, flags_to_config
-from serving.config import ConfigError, ModelConfig, load_model_config, load_server_config
+from core.settings import flag_values
+from serving.cli import add_arguments
+from serving.config import ConfigError, ModelConfig, ServerConfig, load_model_config, load_server_config
 
 
 def test_defaults_work_and_allow_64_fp32_images_at_224() -> None:
@@ -20,12 +21,11 @@ def test_defaults_work_and_allow_64_fp32_images_at_224() -> None:
 def test_precedence_yaml_then_env_then_flags(tmp_path: Path) -> None:
     file = tmp_path / "server.yaml"
     file.write_text("repo: /models\nport: 9000\nmetrics_port: 9100\nmodel_defaults:\n  instances: 2\n")
-    env = {"HRNET_PORT": "9001", "HRNET_MODEL_DEFAULTS__BATCHING__MAX_BATCH_SIZE": "32", "OTHER": "x"}
+    env = {"HRNET_PORT": "9001", "HRNET_MAX_BATCH_SIZE": "32", "HRNET_TRAIN_LR": "0.1", "OTHER": "x"}
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    flags = flags_to_config(
-        parser.parse_args(["--port", "9002", "--max-queue-delay-us", "500", "--max-message-mb", "128"])
-    )
+    args = parser.parse_args(["--port", "9002", "--max-queue-delay-us", "500", "--max-message-mb", "128"])
+    flags = flag_values(args, ServerConfig)
     config = load_server_config(file, env, flags)
     assert (config.repo, config.metrics_port, config.port) == ("/models", 9100, 9002)
     assert config.model_defaults.instances == 2
@@ -37,14 +37,41 @@ def test_precedence_yaml_then_env_then_flags(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"HRNET_PORTT": "1"}, "'portt' is not a setting of ServerConfig"),
         ({"HRNET_PORT": "eighty"}, "port: expected int, got 'eighty'"),
-        ({"HRNET_MODEL_DEFAULTS__DEVICE": "tpu"}, "device must be cpu, gpu or ascend; got 'tpu'"),
+        ({"HRNET_DEVICE": "tpu"}, "device must be cpu, gpu or ascend; got 'tpu'"),
+        ({"HRNET_ADAPTIVE_DELAY": "maybe"}, "adaptive_delay: expected bool, got 'maybe'"),
+        ({"HRNET_MEAN": "0.5,x,0.5"}, "mean: expected float, got 'x'"),
     ],
 )
 def test_bad_values_name_the_key(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_server_config(None, {"HRNET_MODEL": "m.onnx", **env})
+
+
+def test_unknown_variables_are_logged_with_a_suggestion_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    # Orchestrators add their own variables (Kubernetes: HRNET_SERVICE_HOST for a Service named hrnet).
+    config = load_server_config(
+        None, {"HRNET_MODEL": "m.onnx", "HRNET_MAX_BACH_SIZE": "8", "HRNET_TRAIN_LR": "1"}
+    )
+    assert config.model_defaults.batching.max_batch_size == 16
+    assert (
+        "ignoring HRNET_MAX_BACH_SIZE: not a setting of ServerConfig; did you mean HRNET_MAX_BATCH_SIZE?"
+        in caplog.text
+    )
+    assert "HRNET_TRAIN_LR" not in caplog.text  # the trainer's variables are not the server's business
+
+
+def test_every_setting_has_one_flag_and_one_variable_and_help() -> None:
+    from core.settings import leaves
+
+    names = [leaf.name for leaf in leaves(ServerConfig)]
+    assert len(names) == len(set(names))
+    assert all(leaf.help for leaf in leaves(ServerConfig))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    text = parser.format_help()
+    assert "--auth-token" not in text  # a secret never goes on a command line
+    assert "--no-adaptive-delay" in text and "(default: 2000)" in text
 
 
 def test_exactly_one_model_source() -> None:

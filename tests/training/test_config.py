@@ -84,7 +84,7 @@ def test_every_seed_key_has_a_field():
 def test_flags_override_the_file():
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    args = parser.parse_args(["--lr", "0.5", "--crop-scale", "0.5,1", "--nesterov", "true", "--epochs", "7"])
+    args = parser.parse_args(["--lr", "0.5", "--crop-scale", "0.5,1", "--nesterov", "--epochs", "7"])
     cfg = load_config("hrnet_w48_imagenet", overrides_from_args(args))
     assert (cfg.lr, cfg.crop_scale, cfg.nesterov, cfg.epochs) == (0.5, (0.5, 1.0), True, 7)
     assert cfg.batch_size == 16  # untouched keys keep the file's value
@@ -101,3 +101,15 @@ def test_bad_keys_and_values_are_reported(tmp_path):
         load_config(None, {"batch_size": "many"})
     with pytest.raises(ConfigError, match="not found"):
         load_config("no_such_config")
+
+
+def test_yes_no_flags_take_no_value_and_the_environment_sits_between_file_and_flags():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    text = parser.format_help()
+    assert "--no-progress" in text and "rmsprop (the seed), sgd or adam" in text
+    assert "(default: none)" in text  # empty defaults are named, not left blank
+    args = parser.parse_args(["--no-progress", "--epochs", "7"])
+    env = {"HRNET_TRAIN_EPOCHS": "5", "HRNET_TRAIN_BATCH_SIZE": "8", "HRNET_PORT": "1"}
+    cfg = load_config("hrnet_digits", overrides_from_args(args), env=env)
+    assert (cfg.progress, cfg.epochs, cfg.batch_size) == (False, 7, 8)
