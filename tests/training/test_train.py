@@ -53,10 +53,14 @@ def _run(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProc
 
 def _train_args(**overrides) -> list[str]:
     """`hrnet train --config hrnet_digits` with config overrides as flags; no eval, no progress bar."""
-    flags = {"eval_data_path": "", "progress": "false", **overrides}
+    flags = {"eval_data_path": "", "progress": False, **overrides}
     args = [*HRNET, "train", "--config", "hrnet_digits"]
     for key, value in flags.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            args += [f"--{flag}", str(value)]
     return args
 
 
