@@ -7,10 +7,8 @@ from the server unnoticed.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shlex
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,23 +85,6 @@ def parse_dockerfile(path: Path) -> dict[str, Stage]:
     return stages
 
 
-def _setting_env_names() -> set[str]:
-    from serving.config import ENV_PREFIX, ServerConfig
-
-    def walk(cls: type, prefix: str) -> set[str]:
-        names = set()
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            name = prefix + f.name.upper()
-            if dataclasses.is_dataclass(hints[f.name]):
-                names |= walk(hints[f.name], name + "__")
-            else:
-                names.add(name)
-        return names
-
-    return walk(ServerConfig, ENV_PREFIX)
-
-
 @pytest.fixture(scope="session")
 def dockerfile() -> dict[str, Stage]:
     """The Dockerfile's stages by name."""
@@ -112,5 +93,12 @@ def dockerfile() -> dict[str, Stage]:
 
 @pytest.fixture(scope="session")
 def setting_env_names() -> set[str]:
-    """Every HRNET_* variable the server reads: one per ServerConfig field, nested with `__`."""
-    return _setting_env_names()
+    """Every HRNET_* variable the server reads: one per leaf of ServerConfig, as core.settings names it.
+
+    The server only logs a variable it does not know (orchestrators add their own), so a typo in
+    an image or a manifest would go unnoticed without this list.
+    """
+    from core.settings import leaves
+    from serving.config import ENV_PREFIX, ServerConfig
+
+    return {leaf.variable(ENV_PREFIX) for leaf in leaves(ServerConfig)}

@@ -55,9 +55,9 @@ def test_serving_targets_share_one_runtime_configuration(dockerfile: dict[str, S
         stage = dockerfile[name]
         assert (stage.expose, stage.volumes, stage.user) == (cpu.expose, cpu.volumes, cpu.user), name
         assert (stage.healthcheck, stage.healthcheck_options) == (cpu.healthcheck, cpu.healthcheck_options)
-        device = stage.env.get("HRNET_MODEL_DEFAULTS__DEVICE", "cpu")
+        device = stage.env.get("HRNET_DEVICE", "cpu")
         assert device == name
-        assert {k: v for k, v in stage.env.items() if k != "HRNET_MODEL_DEFAULTS__DEVICE"} == cpu.env, name
+        assert {k: v for k, v in stage.env.items() if k != "HRNET_DEVICE"} == cpu.env, name
     # Ascend wraps the same command in CANN's environment, passing the arguments through.
     ascend = dockerfile["ascend"].entrypoint
     assert ascend[:2] == ["bash", "-c"] and ascend[2].endswith('exec hrnet serve "$@"')
@@ -67,7 +67,7 @@ def test_environment_names_are_settings_the_server_reads(
     dockerfile: dict[str, Stage], setting_env_names: set[str]
 ) -> None:
     known = setting_env_names
-    assert "HRNET_MODEL_DEFAULTS__BATCHING__MAX_BATCH_SIZE" in known and "HRNET_PORT" in known
+    assert "HRNET_MAX_BATCH_SIZE" in known and "HRNET_PORT" in known
     for name in SERVING_TARGETS:
         env = dockerfile[name].env
         hrnet = {k: v for k, v in env.items() if k.startswith("HRNET_")}
@@ -93,8 +93,7 @@ def one_model_repo(model_repo: Any, tmp_path_factory: pytest.TempPathFactory) ->
 def _container_env(stage: Stage, repo: Path, port: int, metrics_port: int) -> dict[str, str]:
     """The stage's ENV over this process's, with only addresses and paths changed.
 
-    This process's own HRNET_* variables (HRNET_SLOW_TESTS...) are left out, as in a container:
-    the server refuses variables that are not settings.
+    This process's own HRNET_* variables (HRNET_SLOW_TESTS...) are left out, as in a container.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("HRNET_")} | stage.env
     path = stage.env["PATH"].replace("/opt/hrnet/bin", str(VENV_BIN))

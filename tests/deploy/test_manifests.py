@@ -22,8 +22,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from core.settings import flag_values
 from serving.cli import add_arguments as add_serve_arguments
-from serving.cli import flags_to_config
 from serving.config import ServerConfig, load_server_config
 from serving.metrics import ServerMetrics
 
@@ -81,7 +81,7 @@ def _server_config(container: dict[str, Any], setting_env_names: set[str]) -> Se
     add_serve_arguments(parser)
     args = parser.parse_args(container.get("args", []))
     hrnet_env = {k: v for k, v in env.items() if k.startswith("HRNET_")}
-    return load_server_config(args.config, hrnet_env, flags_to_config(args))
+    return load_server_config(args.config, hrnet_env, flag_values(args, ServerConfig))
 
 
 def _grpc_probe_ports(container: dict[str, Any]) -> set[int]:
