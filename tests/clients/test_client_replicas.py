@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from clients import TlsConfig
 from clients.channel import parse_target
 from hrnet.cli import main
 
@@ -102,3 +103,16 @@ def test_classify_command_takes_several_servers(
     paths = [str(d.path) for d in digit_images[:6]]
     assert main(["classify", *paths, "--server", f"{first.address},{second.address}", "--json"]) == 0
     assert capsys.readouterr().out.count('"predictions"') == 6
+
+
+def test_several_replicas_over_tls(connect: Any, start_server: Any, onnx_repo: Path, certs: Any) -> None:
+    # The certificate names 127.0.0.1 and localhost: host names are resolved to IPs, and the
+    # name checked is still the first address given.
+    tls = {"tls_cert": str(certs.server_cert), "tls_key": str(certs.server_key)}
+    first, second = start_server(onnx_repo, **tls), start_server(onnx_repo, **tls)
+    ports = [s.address.rpartition(":")[2] for s in (first, second)]
+    client = connect([f"localhost:{p}" for p in ports], tls=TlsConfig(ca=certs.ca))
+    assert {client.serving_status() for _ in range(4)} == {"SERVING"}
+    for _ in range(6):
+        client.model_metadata()
+    assert first.metric(IMAGES) == second.metric(IMAGES) == 0  # (metadata computes nothing)
