@@ -142,3 +142,14 @@ def test_entrypoint_and_healthcheck_run_as_written(
     after = _health(stage, env)
     assert after.returncode == 1
     assert after.stderr.count("\n") == 1 and "UNAVAILABLE" in after.stderr
+
+
+def test_dockerignore_admits_everything_the_install_needs() -> None:
+    import tomllib
+
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    admitted = {line[1:] for line in lines if line.startswith("!")}
+    assert "*" in lines  # an allowlist: nothing else reaches the build context
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert packages | {"pyproject.toml", "constraints.txt", project["project"]["readme"]} <= admitted
