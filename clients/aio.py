@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from typing import Any, TypeVar, overload
 
 import grpc
@@ -47,7 +47,7 @@ class AsyncClient:
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         model: str | None = None,
         timeout_s: float | None = DEFAULT_TIMEOUT_S,
@@ -181,6 +181,9 @@ class AsyncClient:
 
     async def server_ready(self, *, timeout_s: float | None = None) -> bool:
         return await self._unary(self._core.server_ready_call(), timeout_s)
+
+    async def serving_status(self, *, service: str = "", timeout_s: float | None = None) -> str:
+        return await self._unary(self._core.health_check_call(service), timeout_s)
 
     async def health(self, *, model: str | None = None, timeout_s: float | None = None) -> Health:
         return Health(

@@ -1,12 +1,15 @@
-"""How the client connects: transport security, call metadata and channel options.
+"""How the client connects: which replicas, transport security, call metadata and channel options.
 
 Shared by the blocking and the asyncio client so both connect identically.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,8 +64,80 @@ def _read_pem(source: PemSource | None, what: str) -> bytes | None:
         ) from exc
 
 
+# Targets starting with a gRPC name-resolver scheme go to gRPC exactly as written.
+GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
+
+# Several replicas: calls go round robin over every connected one, and gRPC itself watches each
+# replica's health service (`grpc.health.v1`, service "") and sends no new call to one that is not
+# SERVING (still loading, or draining after SIGTERM) until it is again.
+SPREAD_SERVICE_CONFIG = json.dumps(
+    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the channel connects.
+
+    `uri` is what gRPC is given. `spread` is true when several replicas may answer: a list of
+    addresses, or a `dns:` URI (every address the name resolves to, re-resolved as replicas
+    come and go). `authority` is the name a list of resolved IPs is reached under (the first
+    address given), so TLS checks the certificate against it.
+    """
+
+    uri: str
+    addresses: tuple[str, ...]  # as given, for messages and the cleartext-token check
+    spread: bool
+    authority: str | None = None
+
+
+def parse_target(target: str | Sequence[str]) -> Target:
+    """`HOST:PORT`, several of them (a list, or one string separated by commas), or a gRPC URI.
+
+    gRPC resolves a list only when it is made of IP literals (`ipv4:a,b`), so host names in a
+    list are resolved here, once; for a set of replicas that changes, give one DNS name
+    (`dns:///NAME:PORT`, e.g. a Kubernetes headless Service) that gRPC re-resolves itself.
+    """
+    if isinstance(target, str) and target.startswith(GRPC_SCHEMES):
+        return Target(target, (target,), spread=target.startswith("dns:") or "," in target)
+    given = target.split(",") if isinstance(target, str) else list(target)
+    addresses = tuple(a.strip() for a in given)
+    if not addresses or not all(addresses):
+        raise ValueError(f"target must be HOST:PORT, several of them or a gRPC URI; got {target!r}")
+    if len(addresses) == 1:
+        return Target(addresses[0], addresses, spread=False)
+    return Target(_ip_list(addresses), addresses, spread=True, authority=addresses[0])
+
+
+def _ip_list(addresses: Sequence[str]) -> str:
+    """`ipv4:IP:PORT,...` (or `ipv6:`) for every address each HOST:PORT resolves to, in order."""
+    resolved = {family: [] for family in (socket.AF_INET, socket.AF_INET6)}
+    missing = {family: [] for family in resolved}
+    for address in addresses:
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"{address!r} is not HOST:PORT")
+        try:
+            infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ValueError(f"cannot resolve {address!r}: {exc}") from None
+        for family, items in resolved.items():
+            found = [f"[{i[4][0]}]:{port}" if family == socket.AF_INET6 else f"{i[4][0]}:{port}"
+                     for i in infos if i[0] == family]  # fmt: skip
+            items.extend(f for f in found if f not in items)
+            if not found:
+                missing[family].append(address)
+    for family, scheme in ((socket.AF_INET, "ipv4"), (socket.AF_INET6, "ipv6")):
+        if not missing[family]:
+            return f"{scheme}:{','.join(resolved[family])}"
+    raise ValueError(
+        f"{', '.join(missing[socket.AF_INET])} have no IPv4 and {', '.join(missing[socket.AF_INET6])} "
+        "no IPv6 address: one channel needs one address family"
+    )
+
+
 def channel_options(
-    tls: TlsConfig | None, max_message_bytes: int, max_reconnect_backoff_s: float
+    tls: TlsConfig | None, max_message_bytes: int, max_reconnect_backoff_s: float, target: Target
 ) -> list[tuple[str, int | str]]:
     options: list[tuple[str, int | str]] = [
         ("grpc.max_send_message_length", max_message_bytes),
@@ -76,6 +151,10 @@ def channel_options(
     ]
     if tls is not None and tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
+    if target.spread:
+        options.append(("grpc.service_config", SPREAD_SERVICE_CONFIG))
+    if target.authority:
+        options.append(("grpc.default_authority", target.authority))
     return options
 
 
@@ -83,6 +162,10 @@ def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-def warn_if_cleartext_token(token: str | None, tls: TlsConfig | None, target: str) -> None:
-    if token and tls is None and not target.startswith(("127.", "localhost", "[::1]", "unix:")):
-        log.warning("sending an auth token to %s without TLS: anyone on the path can read it", target)
+def warn_if_cleartext_token(token: str | None, tls: TlsConfig | None, target: Target) -> None:
+    local = ("127.", "localhost", "[::1]", "unix:")
+    if token and tls is None and not all(a.startswith(local) for a in target.addresses):
+        log.warning(
+            "sending an auth token to %s without TLS: anyone on the path can read it",
+            ",".join(target.addresses),
+        )

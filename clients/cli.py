@@ -16,23 +16,26 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
-from clients.channel import TlsConfig
 from clients.client import Client
 from clients.core import DEFAULT_TARGET
 from clients.errors import ClientError
 from clients.images import find_images
+from clients.options import add_security_arguments, tls_config, token
 from clients.results import StreamResult
 from core.errors import CommandError
 from protos import DEFAULT_TOP_K
-
-TOKEN_ENV = "HRNET_AUTH_TOKEN"  # the variable the server reads its token from
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "inputs", nargs="+", metavar="IMG_OR_DIR", help="image files and/or folders of images"
     )
-    parser.add_argument("--server", default=DEFAULT_TARGET, metavar="HOST:PORT", help="default: %(default)s")
+    parser.add_argument(
+        "--server",
+        default=DEFAULT_TARGET,
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="the server, several replicas separated by commas, or dns:///NAME:PORT (default: %(default)s)",
+    )
     parser.add_argument("--model", default=None, help="model name (default: the server's default model)")
     parser.add_argument(
         "--top-k", type=int, default=DEFAULT_TOP_K, help="classes per image (default: %(default)s)"
@@ -42,19 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--concurrency", type=int, default=8, help="images at the server at once (default: %(default)s)"
     )
     parser.add_argument("--timeout", type=float, default=None, metavar="S", help="deadline for the whole run")
-    security = parser.add_argument_group("security")
-    security.add_argument(
-        "--tls", action="store_true", help="connect with TLS (implied by --ca/--cert/--key)"
-    )
-    security.add_argument(
-        "--ca", type=Path, help="PEM file of the CA that signed the server (default: system)"
-    )
-    security.add_argument("--cert", type=Path, help="client certificate PEM, for mutual TLS")
-    security.add_argument("--key", type=Path, help="client private key PEM, for mutual TLS")
-    security.add_argument("--server-name", help="name to check the server certificate against")
-    security.add_argument(
-        "--token", help=f"auth token sent as 'authorization: Bearer' (default: ${TOKEN_ENV})"
-    )
+    add_security_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,14 +85,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    tls = None
-    if args.tls or args.ca or args.cert or args.key:
-        if (args.cert is None) != (args.key is None):
-            raise CommandError("mutual TLS needs both --cert and --key")
-        tls = TlsConfig(ca=args.ca, cert=args.cert, key=args.key, server_name=args.server_name)
-    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
     try:
-        return Client(args.server, model=args.model, timeout_s=args.timeout, tls=tls, token=token)
+        return Client(
+            args.server, model=args.model, timeout_s=args.timeout, tls=tls_config(args), token=token(args)
+        )
     except (ClientError, ValueError) as exc:
         raise CommandError(str(exc)) from None
 

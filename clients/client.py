@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar, overload
 
 import grpc
@@ -38,11 +38,15 @@ class Client:
     Every method takes `timeout_s` (the call's deadline, retries included; default: the client's)
     and raises `ClientError` on failure. gRPC channels multiplex calls and are thread-safe, so
     one client serves a whole process.
+
+    `target` may name several replicas: a list of HOST:PORT (or one string separated by commas),
+    or `dns:///NAME:PORT` for every address NAME resolves to. Calls then go round robin over the
+    replicas, one that is not SERVING gets none, and a retried call goes to the next one.
     """
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         model: str | None = None,
         timeout_s: float | None = DEFAULT_TIMEOUT_S,
@@ -182,6 +186,14 @@ class Client:
 
     def server_ready(self, *, timeout_s: float | None = None) -> bool:
         return self._unary(self._core.server_ready_call(), timeout_s)
+
+    def serving_status(self, *, service: str = "", timeout_s: float | None = None) -> str:
+        """The gRPC health service's status of `service` ("": the server; or a model name).
+
+        What Kubernetes' gRPC probes and `hrnet health` ask: "SERVING" once every model has
+        loaded, "NOT_SERVING" while loading or draining.
+        """
+        return self._unary(self._core.health_check_call(service), timeout_s)
 
     def health(self, *, model: str | None = None, timeout_s: float | None = None) -> Health:
         """Liveness, readiness and the model's readiness in one answer."""

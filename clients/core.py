@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -21,6 +21,7 @@ from clients.channel import (
     TlsConfig,
     call_metadata,
     channel_options,
+    parse_target,
     warn_if_cleartext_token,
 )
 from clients.errors import ClientError
@@ -29,6 +30,7 @@ from clients.results import Classification, InferResult, ModelInfo, Prediction, 
 from clients.retry import RetryPolicy
 from protos import classifier_pb2 as cpb
 from protos import grpc_service_pb2 as kpb
+from protos import health_pb2 as hpb
 
 T = TypeVar("T")
 log = logging.getLogger("clients")
@@ -81,7 +83,18 @@ MODEL_METADATA = _rpc(
 MODEL_INFER = _rpc(
     "/inference.GRPCInferenceService/ModelInfer", kpb.ModelInferRequest, kpb.ModelInferResponse
 )
-RPCS = (CLASSIFY, CLASSIFY_STREAM, SERVER_LIVE, SERVER_READY, MODEL_READY, MODEL_METADATA, MODEL_INFER)
+# gRPC's standard health service, with wire-identical messages of our own (protos/health.proto).
+HEALTH_CHECK = _rpc("/grpc.health.v1.Health/Check", hpb.HealthCheckRequest, hpb.HealthCheckResponse)
+RPCS = (
+    CLASSIFY,
+    CLASSIFY_STREAM,
+    SERVER_LIVE,
+    SERVER_READY,
+    MODEL_READY,
+    MODEL_METADATA,
+    MODEL_INFER,
+    HEALTH_CHECK,
+)
 
 
 @dataclass(frozen=True)
@@ -108,7 +121,7 @@ class ClientCore:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         model: str | None,
         timeout_s: float | None,
@@ -117,18 +130,16 @@ class ClientCore:
         token: str | None,
         max_message_bytes: int,
     ) -> None:
-        if not target:
-            raise ValueError("target must be HOST:PORT, got an empty string")
+        self.target = parse_target(target)
         if max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be at least 1024, got {max_message_bytes}")
         Deadline(timeout_s)  # validates
-        warn_if_cleartext_token(token, tls, target)
-        self.target = target
+        warn_if_cleartext_token(token, tls, self.target)
         self.model = model
         self.timeout_s = timeout_s
         self.retry = retry
         self.metadata = call_metadata(token)
-        self.options = channel_options(tls, max_message_bytes, retry.max_backoff_s)
+        self.options = channel_options(tls, max_message_bytes, retry.max_backoff_s, self.target)
         self.credentials = tls.credentials() if tls is not None else None
 
     def open_channel(self, grpc_module: Any) -> tuple[Any, dict[str, Any]]:
@@ -138,9 +149,9 @@ class ClientCore:
         callables return (a value or an awaitable) differs, and that is the wrappers' business.
         """
         if self.credentials is None:
-            channel = grpc_module.insecure_channel(self.target, options=self.options)
+            channel = grpc_module.insecure_channel(self.target.uri, options=self.options)
         else:
-            channel = grpc_module.secure_channel(self.target, self.credentials, options=self.options)
+            channel = grpc_module.secure_channel(self.target.uri, self.credentials, options=self.options)
         methods = {}
         for rpc in RPCS:
             factory = channel.stream_stream if rpc.streaming else channel.unary_unary
@@ -226,6 +237,12 @@ class ClientCore:
     def model_ready_call(self, model: str | None) -> UnaryCall[bool]:
         request = kpb.ModelReadyRequest(name=self.model_name(model))
         return UnaryCall(MODEL_READY, request, lambda response, _: bool(response.ready))
+
+    @staticmethod
+    def health_check_call(service: str) -> UnaryCall[str]:
+        """grpc.health.v1 Check: SERVING, NOT_SERVING or UNKNOWN (NOT_FOUND for a service never set)."""
+        name = hpb.HealthCheckResponse.ServingStatus.Name
+        return UnaryCall(HEALTH_CHECK, hpb.HealthCheckRequest(service=service), lambda r, _: name(r.status))
 
     def model_metadata_call(self, model: str | None) -> UnaryCall[ModelInfo]:
         request = kpb.ModelMetadataRequest(name=self.model_name(model))

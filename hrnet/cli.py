@@ -37,6 +37,7 @@ COMMANDS: dict[str, Command] = {
     "convert": Command("training.convert", "train", "convert official PyTorch/timm HRNet weights"),
     "serve": Command("serving.cli", "serve", "run the gRPC inference server"),
     "classify": Command("clients.cli", "", "classify images through a running server"),
+    "health": Command("clients.health", "", "exit 0 if a server's gRPC health service says SERVING"),
     "bench": Command(
         "benchmarks.cli", "serve", "measure throughput, latency and accuracy through the server"
     ),

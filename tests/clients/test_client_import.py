@@ -9,7 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-BLOCKED = ("mindspore", "onnxruntime", "cv2", "serving", "training", "onnx", "tritonclient")
+BLOCKED = ("mindspore", "onnxruntime", "cv2", "serving", "training", "onnx", "tritonclient", "grpc_health")
 
 PROBE = textwrap.dedent(
     f"""
@@ -27,15 +27,16 @@ PROBE = textwrap.dedent(
 
     import clients
     from clients import AsyncClient, Client, ClientError, RetryPolicy, TlsConfig
-    from clients import cli
+    from clients import cli, health
     from hrnet.cli import main
 
+    assert main(["health", "--server", "127.0.0.1:1", "--timeout", "1"]) == 1
     assert main(["classify", "--help"]) == 0
     """
 )
 
 
-def test_client_and_classify_command_import_without_heavy_dependencies() -> None:
+def test_client_classify_and_health_commands_run_without_heavy_dependencies() -> None:
     # `--help` exits through SystemExit(0) inside argparse; run it as the last statement.
     result = subprocess.run(
         [sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True, timeout=60, check=False

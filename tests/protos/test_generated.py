@@ -9,7 +9,7 @@ from pathlib import Path
 
 from google.protobuf.descriptor import Descriptor
 
-from protos import classifier_pb2, grpc_service_pb2, model_config_pb2
+from protos import classifier_pb2, grpc_service_pb2, health_pb2, model_config_pb2
 from protos.generate import PROTO_DIR, generate
 
 
@@ -73,3 +73,13 @@ def test_kserve_subset_is_wire_compatible_with_triton() -> None:
             theirs = triton[message].get(name)
             assert theirs == spec, f"{message}.{name}: ours {spec}, Triton {theirs}"
     assert len(service.methods) == 9
+
+
+def test_health_messages_match_grpc_health_checking() -> None:
+    """Ours travel as grpc.health.v1's: same fields, numbers, types and enum values."""
+    from grpc_health.v1 import health_pb2 as standard
+
+    for name in ("HealthCheckRequest", "HealthCheckResponse"):
+        assert _fields(getattr(health_pb2, name).DESCRIPTOR) == _fields(getattr(standard, name).DESCRIPTOR)
+    status = health_pb2.HealthCheckResponse.ServingStatus
+    assert dict(status.items()) == dict(standard.HealthCheckResponse.ServingStatus.items())
