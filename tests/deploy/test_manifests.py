@@ -52,6 +52,25 @@ def _one(kind: str, name: str) -> dict[str, Any]:
     return doc
 
 
+def _pod_specs() -> list[tuple[str, dict[str, Any]]]:
+    specs = []
+    for where, doc in DOCUMENTS:
+        spec = doc.get("spec", {})
+        pod = spec.get("template", {}).get("spec") or spec.get("predictor")
+        if pod and "containers" in pod:
+            specs.append((f"{where}:{doc['kind']}", pod))
+    return specs
+
+
+def test_no_service_links_reach_our_settings() -> None:
+    """Kubernetes gives every pod `<SERVICE>_PORT=tcp://...` for each Service in its namespace: for
+    our Service `hrnet` that is HRNET_PORT, which the server would read as its --port."""
+    specs = _pod_specs()
+    assert len(specs) >= 3
+    for where, pod in specs:
+        assert pod.get("enableServiceLinks") is False, where
+
+
 @pytest.mark.parametrize("where,doc", DOCUMENTS, ids=[f"{w}:{d['kind']}" for w, d in DOCUMENTS])
 def test_manifest_is_valid(where: str, doc: dict[str, Any]) -> None:
     if (doc["apiVersion"], doc["kind"]) in CUSTOM_RESOURCES:
@@ -181,7 +200,8 @@ def test_inference_service(dockerfile: Any, setting_env_names: set[str]) -> None
     assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
     assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
     predictor = isvc["spec"]["predictor"]
-    assert set(predictor) - {"containers"} <= KSERVE_PREDICTOR_FIELDS | {"terminationGracePeriodSeconds"}
+    pod_fields = {"terminationGracePeriodSeconds", "enableServiceLinks"}
+    assert set(predictor) - {"containers"} <= KSERVE_PREDICTOR_FIELDS | pod_fields
     assert predictor["minReplicas"] <= predictor["maxReplicas"]
     pod_spec = {k: v for k, v in predictor.items() if k not in KSERVE_PREDICTOR_FIELDS}
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"}, "spec": pod_spec}
