@@ -32,6 +32,7 @@ from core import __version__
 from core.atomic import atomic_write_text
 from core.errors import CommandError
 from serving.process import ServerExited, ServerProcess
+from training.runs import list_checkpoints
 
 STAGES = ("data", "train", "eval", "export", "serve", "classify", "score", "summary")
 CONFIG = Path(training.__file__).parent / "configs" / "hrnet_digits.yaml"
@@ -178,8 +179,6 @@ class Demo:
             "--eval-data-path", "",  # evaluated once, by the eval stage
             "--output-dir", self.train_dir,
         )  # fmt: skip
-        from training.train import list_checkpoints
-
         checkpoints = list_checkpoints(self.train_dir)
         if not checkpoints:
             raise StageFailed(f"hrnet train finished without writing a checkpoint in {self.train_dir}")

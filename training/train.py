@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -46,15 +45,20 @@ from training.evaluate import score
 from training.loss import LabelSmoothingCrossEntropy
 from training.lr import learning_rates
 from training.model import canonical_arch, create_model
+from training.runs import (
+    BEST_CKPT,
+    BEST_JSON,
+    CKPT_DIR,
+    CONFIG_YAML,
+    RunLog,
+    checkpoint_path,
+    epoch_line,
+    list_checkpoints,
+    read_best_top1,
+)
 
 log = logging.getLogger("hrnet.train")
 
-CKPT_DIR = "checkpoints"
-CKPT_PATTERN = re.compile(r"^hrnet_(?P<arch>\w+)-e(?P<epoch>\d+)\.ckpt$")
-BEST_CKPT = "best.ckpt"
-BEST_JSON = "best.json"
-TEXT_LOG = "log.txt"
-JSON_LOG = "log.jsonl"
 NOT_SAVED = ("learning_rate",)  # rebuilt from the config: a resumed run may extend the schedule
 
 
@@ -68,36 +72,6 @@ class TrainResult:
     best_top1: float
     last_eval: dict[str, float] | None
     seconds: float
-
-
-class RunLog:
-    """The seed's text lines in log.txt and the same figures as JSON lines in log.jsonl (rank 0 only)."""
-
-    def __init__(self, out_dir: Path, enabled: bool):
-        self.enabled = enabled
-        self.text = out_dir / TEXT_LOG
-        self.jsonl = out_dir / JSON_LOG
-
-    def line(self, text: str) -> None:
-        if self.enabled:
-            tqdm.write(text)
-            with open(self.text, "a", encoding="utf-8") as handle:
-                handle.write(text + "\n")
-
-    def event(self, kind: str, **fields: Any) -> None:
-        if self.enabled:
-            with open(self.jsonl, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"event": kind, "time": round(time.time(), 3), **fields}) + "\n")
-
-
-def epoch_line(epoch: int, epochs: int, epoch_ms: float, steps: int, avg_loss: float, lr: float) -> str:
-    """The seed's line: `epoch: [ 1/120], epoch time: 2404040.882, steps: 10009, per step time: 240.188,
-    avg loss: 4.093, lr:[0.005000]` (times in milliseconds)."""
-    width = len(str(epochs))
-    return (
-        f"epoch: [{epoch:>{width}}/{epochs}], epoch time: {epoch_ms:.3f}, steps: {steps}, "
-        f"per step time: {epoch_ms / steps:.3f}, avg loss: {avg_loss:.3f}, lr:[{lr:.6f}]"
-    )
 
 
 def init_distributed() -> tuple[int, int]:
@@ -172,17 +146,6 @@ def checkpoint_entries(net: nn.Cell, opt: nn.Optimizer) -> list[dict[str, Any]]:
     return entries
 
 
-def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
-    """(epoch, path) of the run's epoch checkpoints, oldest first; temporary files never match."""
-    folder = out_dir / CKPT_DIR
-    found = []
-    for path in folder.glob("*.ckpt") if folder.is_dir() else []:
-        match = CKPT_PATTERN.match(path.name)
-        if match:
-            found.append((int(match["epoch"]), path))
-    return sorted(found)
-
-
 def weights_digest(net: nn.Cell) -> str:
     """SHA-256 over the trainable parameters in name order: equal digests mean bit-identical weights.
 
@@ -235,7 +198,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         (out / CKPT_DIR).mkdir(parents=True, exist_ok=True)
         for stale in (out / CKPT_DIR).glob(".*.tmp*"):  # left by a run killed while writing
             stale.unlink()
-        atomic_write_text(out / "config.yaml", to_yaml(cfg))
+        atomic_write_text(out / CONFIG_YAML, to_yaml(cfg))
     runlog = RunLog(out, main)
 
     labels = class_names(cfg.data_path)
@@ -302,9 +265,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     first_lr = float(np.asarray(opt.get_lr().asnumpy()).reshape(-1)[0])
 
     best_path = out / BEST_CKPT
-    best_top1 = (
-        json.loads((out / BEST_JSON).read_text())["Top_1_Acc"] if (out / BEST_JSON).is_file() else -1.0
-    )
+    best_top1 = read_best_top1(out)
     eval_data = None
     if cfg.eval_data_path and main:
         eval_data = eval_dataset(
@@ -381,7 +342,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         done = epoch + 1
         final = done == cfg.last_epoch
         if main and cfg.save_checkpoint and (done % cfg.save_checkpoint_epochs == 0 or final):
-            last_ckpt = out / CKPT_DIR / f"hrnet_{metadata.arch}-e{done:04d}.ckpt"
+            last_ckpt = checkpoint_path(out, metadata.arch, done)
             save_checkpoint(
                 checkpoint_entries(net, opt), last_ckpt, metadata, epoch=done, step=done * steps_per_epoch
             )
