@@ -292,7 +292,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     reduced.add_argument(
         "--precision", choices=PRECISIONS, default="fp32", help="arithmetic inside the graph (default fp32)"
     )
-    reduced.add_argument("--val", type=Path, help="ImageFolder val set the gate scores fp32 and fp16/int8 on")
+    reduced.add_argument(
+        "--val", type=Path, metavar="DIR", help="ImageFolder val set the gate scores fp32 and fp16/int8 on"
+    )
     reduced.add_argument(
         "--max-drop",
         type=float,
@@ -300,7 +302,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="POINTS",
         help=f"largest top-1 loss allowed, in percentage points (default {DEFAULT_MAX_DROP})",
     )
-    reduced.add_argument("--calib", type=Path, help="int8: calibration images (ImageFolder or flat folder)")
+    reduced.add_argument(
+        "--calib", type=Path, metavar="DIR", help="int8: calibration images (ImageFolder or flat folder)"
+    )
     reduced.add_argument(
         "--calib-count",
         type=int,
