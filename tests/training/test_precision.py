@@ -41,7 +41,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ckpt(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("train")
     command = [sys.executable, "-m", "hrnet", "train", "--config", "hrnet_digits", "--epochs", "1"]
-    command += ["--data-path", str(digits / "train"), "--eval-data-path", "", "--progress", "false"]
+    command += ["--data-path", str(digits / "train"), "--eval-data-path", "", "--no-progress"]
     command += ["--output-dir", str(run / "out")]
     env = {**os.environ, "GLOG_v": "3"}
     proc = subprocess.run(command, cwd=run, env=env, capture_output=True, text=True, timeout=1200)
