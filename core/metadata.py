@@ -23,7 +23,9 @@ DEFAULT_CROP_FRACTION = 224 / 256  # the seed's eval transform: Resize(256) then
 # Key under which the JSON record is stored: in ONNX metadata_props and in checkpoint append_dict.
 METADATA_KEY = "hrnet_metadata"
 SIDECAR_SUFFIX = ".json"  # model.mindir -> model.mindir.json
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added precision, calibration and validation
+# The arithmetic inside an exported graph; its input and output stay fp32 at every precision.
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 class MetadataError(ValueError):
@@ -49,6 +51,11 @@ class ModelMetadata:
     input_name: str = "image"
     output_name: str = "logits"
     exporter: str = ""  # "hrnet 0.1.0 / mindspore 2.10.0": who wrote the file
+    precision: str = "fp32"  # one of PRECISIONS
+    # int8: how the activation ranges were found (method, images, folder)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    # fp16 / int8: the export's accuracy gate (val folder, images, fp32 and this file's top-1, the limit)
+    validation: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, str] = field(default_factory=dict)
     schema: int = SCHEMA_VERSION
 
@@ -65,6 +72,8 @@ class ModelMetadata:
             )
         if self.labels and len(self.labels) != self.num_classes:
             raise MetadataError(f"{len(self.labels)} labels given for num_classes={self.num_classes}")
+        if self.precision not in PRECISIONS:
+            raise MetadataError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
             raise MetadataError(
                 f"mean and std need 3 values each, std > 0; got mean={self.mean} std={self.std}"

@@ -114,6 +114,7 @@ def model_config(model: LoadedModel) -> mc.ModelConfig:
         "mean": ",".join(f"{x:g}" for x in meta.mean),
         "std": ",".join(f"{x:g}" for x in meta.std),
         "arch": meta.arch,
+        "precision": model.precision,
         "labels": ",".join(meta.labels),
         "threads_per_instance": cfg.intra_op_threads(),
         "adaptive_delay": batching.adaptive_delay,

@@ -2,7 +2,7 @@
 
 Names follow what Triton users watch: request counts by status, queue and compute durations,
 the batch-size distribution (proof that dynamic batching batches), queue depth and in-flight
-requests, all per model and version.
+requests, all per model and version, and an info gauge naming each model's backend and precision.
 """
 
 from __future__ import annotations
@@ -58,6 +58,12 @@ class ServerMetrics:
             "hrnet_queue_depth_images", "Images waiting in the batching queue", LABELS, registry=r
         )
         self.in_flight = Gauge("hrnet_in_flight_requests", "Requests being handled", LABELS, registry=r)
+        self.model_info = Gauge(
+            "hrnet_model_info",
+            "1 per loaded model version; labels name its backend and precision (fp32, fp16, int8, unknown)",
+            (*LABELS, "backend", "precision"),
+            registry=r,
+        )
         self._http = None
 
     def watch_queue(self, model: str, version: str, depth: Callable[[], float]) -> None:

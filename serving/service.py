@@ -75,6 +75,12 @@ class LoadedModel:
         return self.metadata.num_classes
 
     @property
+    def precision(self) -> str:
+        """fp32, fp16 or int8 as the file's model card says; "unknown" for a file without our card."""
+        card = self.backend.metadata
+        return card.precision if card is not None else "unknown"
+
+    @property
     def labels(self) -> list[str]:
         """One label per class: the model card's, or the class indices where it has none."""
         return [self.metadata.label(i) for i in range(self.num_classes)]
@@ -92,8 +98,10 @@ def load_model(
     batcher = Batcher(backends, config.batching, listener=stats)
     spec = PreprocessSpec.from_metadata(metadata, exif_transpose=config.exif_transpose)
     preprocessor = ImagePreprocessor(spec, max_workers=preprocess_workers, max_pixels=max_image_pixels)
+    model = LoadedModel(source, backends, metadata, batcher, preprocessor, stats)
     if metrics:
         metrics.watch_queue(source.name, source.version, lambda: batcher.queued_images)
+        metrics.model_info.labels(source.name, source.version, backends[0].name, model.precision).set(1)
     log.info(
         "loaded model",
         extra={
@@ -104,10 +112,11 @@ def load_model(
             "threads_per_instance": config.intra_op_threads(),
             "input_size": metadata.input_size,
             "classes": metadata.num_classes,
+            "precision": model.precision,
             "seconds": round(time.monotonic() - started, 2),
         },
     )
-    return LoadedModel(source, backends, metadata, batcher, preprocessor, stats)
+    return model
 
 
 class DataPlane:

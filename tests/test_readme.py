@@ -71,6 +71,10 @@ ELSEWHERE: dict[str, Elsewhere] = {
         "needs a W48 ImageNet checkpoint (AIR also an Ascend device)",
         "tests/training/test_export.py::test_cli_fixed_batch_then_force_overwrite",
     ),
+    r"hrnet export --ckpt CKPT .*": Elsewhere(
+        "a synopsis: CKPT and DIR stand for a checkpoint and image folders",
+        "tests/training/test_precision.py::test_int8_and_fp16_serve_without_flags_and_score_as_the_gate_did",
+    ),
     r"hrnet convert .*": Elsewhere(
         "needs downloaded ImageNet weights or a W48 run",
         "tests/training/test_convert.py::test_cli_round_trip_and_force",

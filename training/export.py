@@ -1,8 +1,10 @@
-"""`hrnet export`: an fp32, eval-mode network as ONNX, MINDIR or AIR, carrying its model card.
+"""`hrnet export`: an eval-mode network as ONNX, MINDIR or AIR, carrying its model card.
 
-Every export describes itself (architecture, classes, labels, preprocessing) so the server needs
-no flags: ONNX holds the record in `metadata_props`, MINDIR and AIR get a sidecar JSON beside
-them. A dynamic batch is the default, so one file serves any batch the dynamic batcher forms.
+Every export describes itself (architecture, classes, labels, preprocessing, precision) so the
+server needs no flags: ONNX holds the record in `metadata_props`, MINDIR and AIR get a sidecar
+JSON beside them. A dynamic batch is the default, so one file serves any batch the dynamic
+batcher forms. ONNX may also be reduced to INT8 or FP16 (`training.precision`); such a file is
+written only after it scored within `--max-drop` top-1 points of the fp32 model on a val set.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -22,10 +25,20 @@ from mindspore import nn
 from core import __version__
 from core.atomic import atomic_path
 from core.errors import CommandError
-from core.metadata import ModelMetadata, sidecar_path
+from core.metadata import PRECISIONS, ModelMetadata, sidecar_path
 from training.checkpoint import load_into, read_checkpoint
 from training.model import canonical_arch, create_model
-from training.onnx_graph import BakedBatchError, finish_graph, read_metadata
+from training.onnx_graph import BakedBatchError, attach_metadata, check_graph, finish_graph, read_metadata
+from training.precision import (
+    CALIBRATION_METHODS,
+    DEFAULT_CALIB_COUNT,
+    DEFAULT_MAX_DROP,
+    Calibration,
+    GateResult,
+    Reduction,
+    gate,
+    reduce_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +49,10 @@ DEFAULT_INPUT_SIZE = 224
 
 class ExportError(ValueError):
     """The export cannot be done as asked (format, device, existing output, inconsistent arguments)."""
+
+
+class AccuracyGateError(ExportError):
+    """The reduced-precision model lost more top-1 than allowed; nothing was written."""
 
 
 def exporter_version() -> str:
@@ -57,10 +74,19 @@ def check_format(fmt: str) -> str:
     return name
 
 
-def _check_request(fmt: str, out: Path, batch: int | None, force: bool) -> str:
+def _check_request(
+    fmt: str, out: Path, batch: int | None, force: bool, reduction: Reduction | None = None
+) -> str:
     name = check_format(fmt)
     if batch is not None and batch < 1:
         raise ExportError(f"batch must be >= 1 or dynamic, got {batch}")
+    if reduction is not None and name != "ONNX":
+        raise ExportError(f"--precision {reduction.precision} is for ONNX exports; {name} is written in fp32")
+    if reduction is not None and batch is not None:
+        raise ExportError(
+            f"--precision {reduction.precision} exports a dynamic batch (the accuracy gate runs "
+            "batches of its own size); drop --batch"
+        )
     if name == "AIR" and batch is None:
         raise ExportError(
             "AIR export needs a fixed --batch N (ATC adds dynamic batch profiles when it builds the OM)"
@@ -166,17 +192,69 @@ def checkpoint_metadata(ckpt_metadata: ModelMetadata | None, params: dict, arch:
     return ckpt_metadata
 
 
+def _load_network(ckpt: Path, arch: str | None) -> tuple[nn.Cell, ModelMetadata]:
+    """The network a checkpoint describes, loaded strictly, and the checkpoint's model card."""
+    loaded = read_checkpoint(ckpt)
+    metadata = checkpoint_metadata(loaded.metadata, loaded.params, arch)
+    net = create_model(metadata.arch, metadata.num_classes)
+    load_into(net, loaded.params)
+    return net, metadata
+
+
 def export_checkpoint(
     ckpt: Path, fmt: str, out: Path, arch: str | None = None, batch: int | None = None, force: bool = False
 ) -> Path:
     """Build the network a checkpoint describes, load it strictly and export it."""
     out = Path(out)
     _check_request(fmt, out, batch, force)
-    loaded = read_checkpoint(ckpt)
-    metadata = checkpoint_metadata(loaded.metadata, loaded.params, arch)
-    net = create_model(metadata.arch, metadata.num_classes)
-    load_into(net, loaded.params)
+    net, metadata = _load_network(ckpt, arch)
     return export_network(net, metadata, fmt, out, batch=batch, force=force)
+
+
+def export_reduced(
+    net: nn.Cell, metadata: ModelMetadata, out: Path, reduction: Reduction, force: bool = False
+) -> GateResult:
+    """Export `net` as fp32 ONNX into a temporary folder, then `reduce_export` it to `out`."""
+    out = Path(out)
+    _check_request("ONNX", out, None, force, reduction)
+    reduction.check_inputs(metadata)
+    with tempfile.TemporaryDirectory(prefix="hrnet-export-") as work:
+        fp32 = export_network(net, metadata, "ONNX", Path(work) / "fp32.onnx")
+        return reduce_export(fp32, out, reduction, force)
+
+
+def reduce_export(fp32: Path, out: Path, reduction: Reduction, force: bool = False) -> GateResult:
+    """Reduce an fp32 ONNX export of ours and write it to `out` only if it passes the accuracy gate.
+
+    Raises AccuracyGateError, carrying both top-1 figures, when the drop exceeds
+    `reduction.max_drop`; `out` is then left as it was.
+    """
+    out = Path(out)
+    metadata = read_onnx_metadata(fp32)
+    if metadata is None or metadata.precision != "fp32":
+        found = "no model card" if metadata is None else f"a {metadata.precision} model"
+        raise ExportError(f"{fp32} is not an fp32 export of hrnet ({found})")
+    _check_request("ONNX", out, None, force, reduction)
+    reduction.check_inputs(metadata)
+    with tempfile.TemporaryDirectory(prefix="hrnet-reduce-") as work:
+        reduced = Path(work) / f"{reduction.precision}.onnx"
+        calibration = reduce_model(fp32, reduced, reduction, metadata)
+        result = gate(fp32, reduced, reduction, metadata)
+        log.info("%s", result.summary())
+        if not result.passed:
+            hint = " (more calibration images or another --calib-method may help)" if calibration else ""
+            raise AccuracyGateError(f"refused, {result.summary()}; {out} not written{hint}")
+        card = replace(
+            metadata,
+            precision=reduction.precision,
+            calibration=calibration,
+            validation=result.record(reduction.val),
+        )
+        model = check_graph(attach_metadata(onnx.load(str(reduced)), card), batch=None)
+        with atomic_path(out, overwrite=force) as tmp:
+            onnx.save(model, str(tmp))
+    log.info("exported %s (ONNX %s, %.1f MiB)", out, reduction.precision, out.stat().st_size / 2**20)
+    return result
 
 
 def parse_batch(text: str) -> int | None:
@@ -205,19 +283,80 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="batch dimension of the exported graph (default: dynamic)",
     )
     parser.add_argument(
-        "--out", type=Path, help="output file (default: the checkpoint's name with the format's suffix)"
+        "--out",
+        type=Path,
+        help="output file (default: the checkpoint's name with the format's suffix, e.g. model.int8.onnx)",
     )
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+    reduced = parser.add_argument_group("reduced precision (ONNX; written only when it passes the gate)")
+    reduced.add_argument(
+        "--precision", choices=PRECISIONS, default="fp32", help="arithmetic inside the graph (default fp32)"
+    )
+    reduced.add_argument(
+        "--val", type=Path, metavar="DIR", help="ImageFolder val set the gate scores fp32 and fp16/int8 on"
+    )
+    reduced.add_argument(
+        "--max-drop",
+        type=float,
+        default=DEFAULT_MAX_DROP,
+        metavar="POINTS",
+        help=f"largest top-1 loss allowed, in percentage points (default {DEFAULT_MAX_DROP})",
+    )
+    reduced.add_argument(
+        "--calib", type=Path, metavar="DIR", help="int8: calibration images (ImageFolder or flat folder)"
+    )
+    reduced.add_argument(
+        "--calib-count",
+        type=int,
+        default=DEFAULT_CALIB_COUNT,
+        metavar="N",
+        help=f"int8: calibration images used, spread over the classes (default {DEFAULT_CALIB_COUNT})",
+    )
+    reduced.add_argument(
+        "--calib-method",
+        choices=CALIBRATION_METHODS,
+        default="minmax",
+        help="int8: how activation ranges are taken from the calibration images (default minmax)",
+    )
+
+
+def _reduction(args: argparse.Namespace) -> Reduction | None:
+    if args.precision == "fp32":
+        given = [flag for flag, value in (("--val", args.val), ("--calib", args.calib)) if value is not None]
+        if given:
+            raise ExportError(f"{', '.join(given)} applies to --precision fp16 or int8 only")
+        return None
+    if args.val is None:
+        raise ExportError(f"--precision {args.precision} needs --val DIR: the accuracy gate scores on it")
+    calibration = None
+    if args.calib is not None:
+        calibration = Calibration(args.calib, args.calib_count, args.calib_method)
+    return Reduction(args.precision, args.val, args.max_drop, calibration)
+
+
+def _default_out(args: argparse.Namespace) -> Path:
+    suffix = SUFFIXES[args.format]
+    if args.precision != "fp32":
+        suffix = f".{args.precision}{suffix}"
+    return args.ckpt.with_suffix(suffix)
 
 
 def run(args: argparse.Namespace) -> int:
-    out = args.out or args.ckpt.with_suffix(SUFFIXES[args.format])
+    out = args.out or _default_out(args)
     try:
-        path = export_checkpoint(
-            args.ckpt, args.format, out, arch=args.arch, batch=args.batch, force=args.force
-        )
+        reduction = _reduction(args)
+        if reduction is None:
+            path = export_checkpoint(
+                args.ckpt, args.format, out, arch=args.arch, batch=args.batch, force=args.force
+            )
+        else:
+            _check_request(args.format, out, args.batch, args.force, reduction)
+            net, metadata = _load_network(args.ckpt, args.arch)
+            print(export_reduced(net, metadata, out, reduction, force=args.force).summary())
+            path = out
     except (ValueError, BakedBatchError, FileNotFoundError, FileExistsError) as exc:
-        # ValueError covers ExportError, MetadataError, unknown architectures and unreadable checkpoints.
+        # ValueError covers ExportError, AccuracyGateError, MetadataError, unknown architectures and
+        # unreadable checkpoints.
         raise CommandError(str(exc)) from exc
     print(path)
     return 0

@@ -96,7 +96,7 @@ def test_server_live_ready_metadata(kserve) -> None:
     assert meta.name == "hrnet" and "classification" in meta.extensions
 
 
-def test_model_metadata_config_and_defaults_for_foreign_onnx(kserve) -> None:
+def test_model_metadata_config_and_defaults_for_foreign_onnx(kserve, grpc_server) -> None:
     meta = kserve.ModelMetadata(pb.ModelMetadataRequest(name="hrnet"))
     assert (meta.platform, list(meta.versions)) == ("onnxruntime_onnx", ["1"])
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
@@ -112,6 +112,11 @@ def test_model_metadata_config_and_defaults_for_foreign_onnx(kserve) -> None:
     assert list(plain.input[0].dims) == [3, 16, 16] and plain.input[0].name == "input"
     assert plain.parameters["mean"].string_value == "0.485,0.456,0.406"
     assert plain.parameters["labels"].string_value == ""
+    # The precision comes from the model card; a file without one does not pretend to know it.
+    assert config.parameters["precision"].string_value == "fp32"
+    assert plain.parameters["precision"].string_value == "unknown"
+    assert grpc_server.metric("hrnet_model_info", model="hrnet", backend="onnxruntime", precision="fp32") == 1
+    assert grpc_server.metric("hrnet_model_info", model="plain", precision="unknown") == 1
     ms_meta = kserve.ModelMetadata(pb.ModelMetadataRequest(name="hrnet_ms"))
     assert ms_meta.platform == "mindspore_mindir"
 

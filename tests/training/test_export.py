@@ -31,7 +31,7 @@ from training.export import (
     read_onnx_metadata,
 )
 from training.model import create_model
-from training.onnx_graph import BakedBatchError, finish_graph
+from training.onnx_graph import ONNX_OPSET, BakedBatchError, finish_graph, opset
 
 ARCH = "w18_small_v1"
 CLASSES = 10
@@ -99,7 +99,16 @@ def reference(ckpt: Path, images: np.ndarray) -> dict[int, np.ndarray]:
     return {b: net(ms.Tensor(images[:b])).asnumpy() for b in (1, 3, 16)}
 
 
+def assert_modern_opset(path: Path) -> None:
+    """MindSpore writes opset 11 / IR 4; every export of ours is converted to opset 17 or later."""
+    model = onnx.load(str(path), load_external_data=False)
+    assert opset(model) >= ONNX_OPSET >= 17
+    assert model.ir_version >= 8  # what opset 17 requires
+    onnx.checker.check_model(model)
+
+
 def test_onnx_batch_is_free_and_runs_at_1_3_64(exported, images, reference):
+    assert_modern_opset(exported["ONNX"])
     session = ort.InferenceSession(str(exported["ONNX"]), providers=["CPUExecutionProvider"])
     (inp,), (out,) = session.get_inputs(), session.get_outputs()
     assert (inp.name, out.name) == ("image", "logits")
@@ -142,6 +151,7 @@ def test_metadata_round_trip(exported):
 def test_cli_fixed_batch_then_force_overwrite(ckpt, tmp_path, images, reference, capsys):
     out = tmp_path / "fixed.onnx"
     assert main(["export", "--ckpt", str(ckpt), "--format", "onnx", "--batch", "3", "--out", str(out)]) == 0
+    assert_modern_opset(out)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == [3, 3, SIZE, SIZE]
     logits = session.run(None, {"image": images[:3]})[0]
@@ -208,6 +218,7 @@ def test_a_graph_that_bakes_the_batch_is_refused(tmp_path):
     with pytest.raises(BakedBatchError, match=r"logits \(batch fixed to 2\).*Reshape"):
         finish_graph(_tiny_graph([2, 4]), meta, batch=None)
     free = finish_graph(_tiny_graph([-1, 4]), meta, batch=None)
+    assert opset(free) == ONNX_OPSET  # converted up from 11
     path = tmp_path / "free.onnx"
     onnx.save(free, str(path))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
