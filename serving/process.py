@@ -3,11 +3,13 @@
 The demo and the benchmarks drive a real server exactly as a user starts one, so they prove the
 command and not a private shortcut. Readiness is the gRPC health service answering SERVING (it
 does only once every model has loaded). A server that exits early is reported with the reason
-it printed, not just its exit code.
+it printed, not just its exit code. Another server (the benchmarks' peers) is run the same way
+by overriding `command` and `probe`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -39,7 +41,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class ServerProcess:
-    """`hrnet serve ARGS --host HOST --port PORT`, its output in `log_path` (a temporary file if None)."""
+    """`hrnet serve ARGS --host HOST --port PORT`, its output in `log_path` (a temporary file if None).
+
+    The child leads its own process group, so a server that spawns workers of its own is stopped
+    whole, and a Ctrl-C in the terminal reaches only us: we stop it, after its grace period.
+    """
+
+    name = "hrnet serve"  # in messages
 
     def __init__(
         self,
@@ -79,25 +87,26 @@ class ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log_file:
             self.proc = subprocess.Popen(
-                self.command, stdout=log_file, stderr=subprocess.STDOUT, env=self.env
+                self.command, stdout=log_file, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
             )
         deadline = time.monotonic() + timeout_s
         with grpc.insecure_channel(self.address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise ServerExited(f"hrnet serve exited with {self.proc.returncode}: {self.reason()}")
-                if self._serving(health):
+                    raise ServerExited(f"{self.name} exited with {self.proc.returncode}: {self.reason()}")
+                if self.probe(channel):
                     return self.address
                 time.sleep(POLL_S)
         reason = self.reason()
         self.stop()
-        raise ServerExited(f"hrnet serve was not ready within {timeout_s:.0f} s: {reason}")
+        raise ServerExited(f"{self.name} was not ready within {timeout_s:.0f} s: {reason}")
 
-    @staticmethod
-    def _serving(health: health_pb2_grpc.HealthStub) -> bool:
+    def probe(self, channel: grpc.Channel) -> bool:
+        """Whether the server is ready: health SERVING for `""`, which needs every model loaded."""
         try:
-            reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=2
+            )
         except grpc.RpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -118,7 +127,8 @@ class ServerProcess:
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)  # the group we started, workers included
                 self.proc.wait()
         if self._tmp is not None:
             self._tmp.cleanup()
