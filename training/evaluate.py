@@ -3,6 +3,9 @@
 The seed's eval shuffled and dropped the last short batch (16 of ImageNet's 50,000 images were
 never scored). Here the val set is read in file order with the remainder kept, and the transform
 comes from the checkpoint's own metadata, so it is the one the model was trained for.
+
+`--predictions FILE` also writes every image's top-5 classes by file name, which is what
+`hrnet bench accuracy` compares the server's answers with, image by image.
 """
 
 from __future__ import annotations
@@ -19,13 +22,20 @@ from core.atomic import atomic_write_text
 from core.errors import CommandError
 from core.metadata import MetadataError
 from training.checkpoint import load_into, read_checkpoint
-from training.data import eval_dataset
+from training.data import class_names, eval_dataset
 from training.loss import LabelSmoothingCrossEntropy
 from training.model import create_model
 
+Predictions = list[tuple[int, list[int]]]  # per sample, in dataset order: (label, best classes)
 
-def score(net: nn.Cell, dataset, loss_fn: nn.Cell) -> dict[str, float]:
-    """{'Loss', 'Top_1_Acc', 'Top_5_Acc'} over every sample of `dataset`; loss averaged per image."""
+
+def score(
+    net: nn.Cell, dataset, loss_fn: nn.Cell, predictions: Predictions | None = None
+) -> dict[str, float]:
+    """{'Loss', 'Top_1_Acc', 'Top_5_Acc'} over every sample of `dataset`; loss averaged per image.
+
+    `predictions`, when given, receives each sample's label and best classes (up to 5, best first).
+    """
     net.set_train(False)
     total, loss_sum, top1, top5 = 0, 0.0, 0, 0
     for image, label in dataset.create_tuple_iterator(num_epochs=1):
@@ -34,7 +44,9 @@ def score(net: nn.Cell, dataset, loss_fn: nn.Cell) -> dict[str, float]:
         loss_sum += float(loss_fn(logits, label).asnumpy()) * n
         scores, truth = logits.asnumpy(), label.asnumpy()
         k = min(5, scores.shape[1])
-        best = np.argsort(-scores, axis=1)[:, :k]
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        if predictions is not None:
+            predictions.extend(zip(truth.tolist(), best.tolist(), strict=True))
         top1 += int((best[:, 0] == truth).sum())
         top5 += int((best == truth[:, None]).any(axis=1).sum())
         total += n
@@ -51,6 +63,7 @@ def evaluate(
     label_smoothing: float = 0.1,
     device_target: str = "CPU",
     mode: str = "graph",
+    predictions: Predictions | None = None,
 ) -> dict[str, float]:
     """Load a checkpoint written by `hrnet train` and score it on `data_dir` (an ImageFolder)."""
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE, device_target=device_target)
@@ -61,7 +74,33 @@ def evaluate(
     net = create_model(metadata.arch, metadata.num_classes)
     load_into(net, checkpoint.params)
     dataset = eval_dataset(data_dir, metadata, batch_size, num_workers)
-    return score(net, dataset, LabelSmoothingCrossEntropy(metadata.num_classes, label_smoothing))
+    return score(net, dataset, LabelSmoothingCrossEntropy(metadata.num_classes, label_smoothing), predictions)
+
+
+def name_predictions(data_dir: str | Path, predictions: Predictions) -> list[dict]:
+    """`predictions` (in the eval dataset's order) paired with the files they belong to.
+
+    MindSpore's ImageFolderDataset, unshuffled, reads the sorted class folders and in each the
+    sorted file names; the labels read back must line up with that listing, or the pairing is
+    refused rather than guessed.
+    """
+    root = Path(data_dir)
+    files = [
+        (path, label)
+        for label, name in enumerate(class_names(root))
+        for path in sorted((root / name).iterdir())
+        if path.is_file()
+    ]
+    labels = [label for _, label in files]
+    if labels != [label for label, _ in predictions]:
+        raise ValueError(
+            f"the {len(predictions)} images scored do not line up with the {len(files)} files listed in "
+            f"{root}: cannot name their predictions"
+        )
+    return [
+        {"image": path.relative_to(root).as_posix(), "label": label, "top5": best}
+        for (path, label), (_, best) in zip(files, predictions, strict=True)
+    ]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,11 +119,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", type=Path, default=None, help="where to write the result (default <ckpt>.eval.json)"
     )
+    parser.add_argument(
+        "--predictions",
+        type=Path,
+        default=None,
+        help="also write every image's top-5 classes here (JSON, by file name relative to --data)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
+    predictions: Predictions | None = [] if args.predictions else None
     try:
         result = evaluate(
             args.ckpt,
@@ -94,7 +140,9 @@ def run(args: argparse.Namespace) -> int:
             args.label_smoothing,
             args.device_target,
             args.mode,
+            predictions,
         )
+        per_image = name_predictions(args.data, predictions) if predictions is not None else None
     except (FileNotFoundError, ValueError) as exc:
         raise CommandError(str(exc)) from exc
     metrics = {key: result[key] for key in ("Loss", "Top_1_Acc", "Top_5_Acc")}
@@ -108,4 +156,8 @@ def run(args: argparse.Namespace) -> int:
         + "\n",
     )
     print(f"wrote {target}")
+    if per_image is not None:
+        document = {"ckpt": str(args.ckpt), "data": str(args.data), "predictions": per_image}
+        atomic_write_text(args.predictions, json.dumps(document) + "\n")
+        print(f"wrote {args.predictions}")
     return 0
