@@ -1,0 +1,374 @@
+"""One report per run, in the forms people use: a terminal table, JSON, Markdown and PNG plots.
+
+Everything is rendered from the JSON document (`Report.as_dict()`), so a script reading the JSON
+sees exactly the figures the tables show. Keys are plain (`img_s`, `p99_ms`, `ratio_to_ceiling`,
+`top1`). Every rendering starts with the machine, because a figure without it means nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import io
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.ceiling import Ceiling
+from benchmarks.machine import Machine
+from benchmarks.sweep import TargetResult
+from core.atomic import atomic_path, atomic_write_text
+
+Table = tuple[list[str], list[list[str]]]  # header, rows
+
+
+@dataclass
+class Report:
+    mode: str
+    machine: Machine
+    command: str
+    note: str = ""  # the conditions, e.g. "shared machine: other jobs were running"
+    started: str = field(
+        default_factory=lambda: datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    )
+    workload: dict[str, Any] = field(default_factory=dict)
+    ceilings: list[Ceiling] = field(default_factory=list)
+    targets: list[TargetResult] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # the mode's own results: "batching", "peers", ...
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "started": self.started,
+            "command": self.command,
+            "note": self.note,
+            "machine": {**dataclasses.asdict(self.machine), "description": self.machine.describe()},
+            "workload": self.workload,
+            "ceilings": [c.as_dict() for c in self.ceilings],
+            "targets": [t.as_dict() for t in self.targets],
+            **self.extra,
+        }
+
+
+def write(report: dict[str, Any], json_path: Path | None, report_dir: Path | None) -> list[Path]:
+    """The JSON at `json_path`; the Markdown, the PNGs and the JSON again in `report_dir`."""
+    written = []
+    text = json.dumps(report, indent=2) + "\n"
+    if json_path:
+        atomic_write_text(json_path, text)
+        written.append(json_path)
+    if report_dir:
+        stem = report["mode"]
+        plots = write_plots(report, report_dir, stem)
+        atomic_write_text(report_dir / f"{stem}.json", text)
+        atomic_write_text(report_dir / f"{stem}.md", markdown(report, [p.name for p in plots]))
+        written += [report_dir / f"{stem}.md", report_dir / f"{stem}.json", *plots]
+    return written
+
+
+# --- tables -----------------------------------------------------------------------------------
+
+
+def _f(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def ceiling_table(ceilings: Sequence[dict[str, Any]]) -> Table:
+    """Batch sizes down, one img/s and p50 column pair per model file: files side by side."""
+    header = ["batch"]
+    for c in ceilings:
+        name = Path(c["model"]).name
+        header += [f"{name} img/s", "p50 ms", "CPU cores", "img/CPU-s"]
+    sizes = sorted({b["batch"] for c in ceilings for b in c["batches"]})
+    rows = []
+    for size in sizes:
+        row = [str(size)]
+        for c in ceilings:
+            timing = next((b for b in c["batches"] if b["batch"] == size), None)
+            row += (
+                [_f(timing["img_s"]), _f(timing["p50_ms"]), _f(timing["cpu"], 2), _f(timing["img_per_cpu_s"])]
+                if timing
+                else ["-"] * 4
+            )
+        rows.append(row)
+    rows.append(
+        ["best", *(x for c in ceilings for x in (_f(c["best_img_s"]), f"b{c['best_batch']}", "", ""))]
+    )
+    return header, rows
+
+
+LEVEL_COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
+    ("img/s", "img_s", _f),
+    ("req/s", "req_s", _f),
+    ("p50 ms", "p50_ms", _f),
+    ("p90 ms", "p90_ms", _f),
+    ("p99 ms", "p99_ms", _f),
+    ("p99.9 ms", "p999_ms", _f),
+    ("max ms", "max_ms", _f),
+    ("queue ms", "queue_ms", _f),
+    ("compute ms", "compute_ms", _f),
+    ("mean batch", "mean_batch", lambda v: _f(v, 2)),
+    ("server CPU", "server_cpu", lambda v: _f(v, 2)),
+    ("img/CPU-s", "img_per_cpu_s", _f),
+    ("load gen CPU", "loadgen_cpu", lambda v: _f(v, 2)),
+    ("/ceiling", "ratio_to_ceiling", _ratio),
+)
+
+
+def _errors(errors: dict[str, int]) -> str:
+    return ", ".join(f"{code} {count}" for code, count in errors.items()) or "0"
+
+
+def level_table(target: dict[str, Any]) -> Table:
+    header = ["load", *(c[0] for c in LEVEL_COLUMNS), "errors"]
+    rows = [
+        [level_label(lv), *(fmt(lv[key]) for _, key, fmt in LEVEL_COLUMNS), _errors(lv["errors"])]
+        for lv in target["levels"]
+    ]
+    return header, rows
+
+
+def level_label(level: dict[str, Any]) -> str:
+    """ "16 callers" (closed loop) or "40 req/s" (open loop, offered)."""
+    n = level["concurrency"]
+    return f"{n} caller{'s' if n != 1 else ''}" if n else f"{level['rate']:g} req/s"
+
+
+def peers_table(report: dict[str, Any]) -> Table:
+    ours, *peers = report["targets"]
+    header = ["load", f"{ours['label']} img/s"]
+    for peer in peers:
+        header += [f"{peer['label']} img/s", "speed-up"]
+    header += [f"{ours['label']} p99 ms", *(f"{p['label']} p99 ms" for p in peers)]
+    rows = []
+    for i, level in enumerate(ours["levels"]):
+        row = [level_label(level), _f(level["img_s"])]
+        for peer in peers:
+            theirs = peer["levels"][i]
+            speedup = level["img_s"] / theirs["img_s"] if theirs["img_s"] else None
+            row += [_f(theirs["img_s"]), "-" if speedup is None else f"{speedup:.2f}x"]
+        row += [_f(level["p99_ms"]), *(_f(p["levels"][i]["p99_ms"]) for p in peers)]
+        rows.append(row)
+    return header, rows
+
+
+def batching_table(batching: dict[str, Any]) -> Table:
+    header = ["setting", "img/s (median)", "range", "p50 ms", "p99 ms", "mean batch", "/ceiling"]
+    rows = [
+        [
+            s["label"],
+            _f(s["img_s"]),
+            f"{_f(min(s['runs_img_s']))}-{_f(max(s['runs_img_s']))}",
+            _f(s["p50_ms"]),
+            _f(s["p99_ms"]),
+            _f(s["mean_batch"], 2),
+            _ratio(s["ratio_to_ceiling"]),
+        ]
+        for s in batching["settings"]
+    ]
+    return header, rows
+
+
+def accuracy_lines(accuracy: dict[str, Any]) -> list[str]:
+    lines = [
+        f"server: {{'Top_1_Acc': {accuracy['top1']:.4f}, 'Top_5_Acc': {accuracy['top5']:.4f}}}"
+        f" over {accuracy['images']} images ({_f(accuracy['img_s'])} img/s, {accuracy['failed']} failed)"
+    ]
+    if accuracy.get("eval"):
+        ev = accuracy["eval"]
+        lines.append(
+            f"hrnet eval: {{'Top_1_Acc': {ev['top1']:.4f}, 'Top_5_Acc': {ev['top5']:.4f}}} (MindSpore)"
+        )
+        lines.append(
+            f"top-1 agreement with hrnet eval: {accuracy['agreement']:.4f} "
+            f"({len(accuracy['differ'])} images differ)"
+        )
+    return lines
+
+
+def _plain(table: Table) -> str:
+    header, rows = table
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)) for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _markdown_table(table: Table) -> str:
+    header, rows = table
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _sections(report: dict[str, Any]) -> list[tuple[str, Table | list[str]]]:
+    """(title, table or lines) in reading order; both renderings walk the same list."""
+    sections: list[tuple[str, Table | list[str]]] = []
+    if report["ceilings"]:
+        c = report["ceilings"][0]
+        sections.append(
+            (
+                f"Ceiling: in-process {c['backend'].split()[0]}, {c['device']}, {c['threads']} threads",
+                ceiling_table(report["ceilings"]),
+            )
+        )
+    for target in report["targets"]:
+        title = f"{target['label']} ({target['address']}, model {target['model']})"
+        sections.append((title, level_table(target)))
+        lines = [f"{key}: {value}" for key, value in target["settings"].items()]
+        if target["img_s"] is not None:
+            ratio = target["ratio_to_ceiling"]
+            ratio_text = f" = {ratio:.2f} of the ceiling" if ratio is not None else ""
+            lines.append(
+                f"saturation: {target['img_s']:.1f} img/s at {target['saturation_level']}{ratio_text}"
+            )
+        sections.append(("", lines))
+    if "peers" in report and len(report["targets"]) > 1:
+        sections.append(("Side by side", peers_table(report)))
+    if "batching" in report:
+        b = report["batching"]
+        sections.append(
+            (f"Batching on and off, {b['concurrency']} callers, {b['repeats']} repeats", batching_table(b))
+        )
+        sections.append(("", [f"speed-up from batching (medians): {b['gain']:.2f}x"]))
+    if "accuracy" in report:
+        sections.append(("Accuracy", accuracy_lines(report["accuracy"])))
+    return sections
+
+
+def _preamble(report: dict[str, Any]) -> list[str]:
+    lines = [
+        f"machine: {report['machine']['description']}",
+        f"started: {report['started']}",
+        f"command: {report['command']}",
+    ]
+    if report["workload"]:
+        w = report["workload"]
+        lines.append(
+            f"workload: {w['api']}, {w['input']}, {w['images_per_request']} image(s) per request, "
+            f"{'one stream per load generator worker' if w['streaming'] else 'unary calls'}"
+            + (f", {w['workers']} load generator process(es)" if "workers" in w else "")
+        )
+    if report["note"]:
+        lines.append(f"note: {report['note']}")
+    return lines
+
+
+def terminal(report: dict[str, Any]) -> str:
+    out = [f"hrnet bench {report['mode']}", *_preamble(report)]
+    for title, body in _sections(report):
+        out.append("")
+        if title:
+            out.append(title)
+        out.append(_plain(body) if isinstance(body, tuple) else "\n".join(body))
+    return "\n".join(out)
+
+
+def markdown(report: dict[str, Any], plots: Sequence[str] = ()) -> str:
+    out = [f"# hrnet bench {report['mode']}", ""]
+    out += [f"- {line}" for line in _preamble(report)]
+    for title, body in _sections(report):
+        out.append("")
+        if title:
+            out += [f"## {title}", ""]
+        out.append(_markdown_table(body) if isinstance(body, tuple) else "\n".join(f"{x}  " for x in body))
+    if "accuracy" in report and report["accuracy"].get("differ"):
+        out += ["", "### Images where the server and hrnet eval differ (top-1)", ""]
+        out.append(
+            _markdown_table(
+                (
+                    ["image", "label", "server", "hrnet eval"],
+                    [
+                        [d["image"], str(d["label"]), str(d["server"]), str(d["eval"])]
+                        for d in report["accuracy"]["differ"]
+                    ],
+                )
+            )
+        )
+    if plots:
+        out += ["", "## Plots", ""]
+        out += [f"![{name}]({name})" for name in plots]
+    return "\n".join(out) + "\n"
+
+
+# --- plots ------------------------------------------------------------------------------------
+
+
+def write_plots(report: dict[str, Any], folder: Path, stem: str) -> list[Path]:
+    """Throughput and p99 against load, and the latency CDFs; batch-size curves for the ceiling."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    subtitle = report["machine"]["description"].split(", onnxruntime")[0]
+    paths = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.suptitle(subtitle, fontsize=8)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110)
+        plt.close(fig)
+        path = folder / f"{stem}_{name}.png"
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buffer.getvalue())
+        paths.append(path)
+
+    if report["ceilings"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for c in report["ceilings"]:
+            ax.plot(
+                [b["batch"] for b in c["batches"]],
+                [b["img_s"] for b in c["batches"]],
+                "o-",
+                label=Path(c["model"]).name,
+            )
+        ax.set(xlabel="batch size", ylabel="img/s", title="Ceiling: in-process throughput")
+        _log2_axis(ax, [b["batch"] for c in report["ceilings"] for b in c["batches"]])
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        save(fig, "batches")
+
+    targets = [t for t in report["targets"] if t["levels"]]
+    if targets and report["mode"] != "batching":
+        closed = any(lv["concurrency"] for t in targets for lv in t["levels"])
+        x_key, x_label = ("concurrency", "concurrent callers") if closed else ("rate", "offered req/s")
+        for key, title, name in (("img_s", "Throughput", "throughput"), ("p99_ms", "p99 latency", "p99")):
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for t in targets:
+                points = [(lv[x_key], lv[key]) for lv in t["levels"] if lv[x_key] and lv[key] is not None]
+                ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=t["label"])
+            if key == "img_s" and report["ceilings"]:
+                best = report["ceilings"][0]["best_img_s"]
+                ax.axhline(best, ls="--", color="gray", label=f"ceiling {best:.1f} img/s")
+            _log2_axis(ax, [lv[x_key] for t in targets for lv in t["levels"] if lv[x_key]])
+            ax.set_ylim(bottom=0)
+            ax.set(xlabel=x_label, ylabel="img/s" if key == "img_s" else "ms", title=title)
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+            save(fig, name)
+        fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4), squeeze=False)
+        for ax, t in zip(axes[0], targets, strict=True):
+            for lv in t["levels"]:
+                if lv["cdf_ms"]:
+                    ax.plot([p[1] for p in lv["cdf_ms"]], [p[0] for p in lv["cdf_ms"]], label=level_label(lv))
+            ax.set(xscale="log", xlabel="latency ms", ylabel="percentile", title=f"Latency CDF: {t['label']}")
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        save(fig, "latency_cdf")
+    return paths
+
+
+def _log2_axis(ax: Any, values: Sequence[float]) -> None:
+    """A log2 axis labelled with the measured values themselves (1, 2, 4, ... not 2^0, 2^1)."""
+    ticks = sorted(set(values))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
+    ax.minorticks_off()

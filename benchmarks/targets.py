@@ -1,0 +1,183 @@
+"""The servers a benchmark drives, and what is read from them while it does.
+
+A target is ours started here (`--model` / `--repo`, on 127.0.0.1, through `hrnet serve` as a
+user runs it) or any KServe v2 server already running (`--url`). Around every measured window
+the server's own ModelStatistics are read, so a report splits each request's time into
+queueing and compute and gives the batch sizes the server really ran; a server we started also
+has its CPU use read, which says whether it or the machine was the limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+
+from benchmarks.protocol import ModelInfo, fetch_model_info
+from core.errors import CommandError
+from protos import grpc_service_pb2 as kpb
+from serving.config import ModelConfig
+from serving.errors import ModelLoadError
+from serving.process import ServerExited, ServerProcess
+from serving.repository import default_model_name, scan_repository
+
+START_TIMEOUT_S = 300.0  # a W48 export on a busy CPU takes a while to load
+
+
+@dataclass(frozen=True)
+class ServerSource:
+    """Where the server under test comes from: exactly one of url, model, repo (url may add model)."""
+
+    url: str = ""  # a running server; `model` then only names its file, for the ceiling
+    model: Path | None = None
+    repo: Path | None = None
+    model_name: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.url) + bool(self.model and not self.url) + bool(self.repo) != 1:
+            raise CommandError("give one of --url (a running server), --model FILE or --repo DIR")
+        if self.model and not self.model.is_file():
+            raise CommandError(f"model file {self.model} does not exist")
+        if self.repo and not self.repo.is_dir():
+            raise CommandError(f"model repository {self.repo} is not a directory")
+
+    def serve_args(self) -> list[str]:
+        if self.repo:
+            return ["--repo", str(self.repo)]
+        assert self.model is not None
+        name = ["--model-name", self.model_name] if self.model_name else []
+        return ["--model", str(self.model), *name]
+
+    def model_file(self, served_name: str) -> Path | None:
+        """The file the ceiling measures: `--model`, or the newest version of the model in `--repo`."""
+        if self.model:
+            return self.model
+        if not self.repo:
+            return None
+        try:
+            sources = [s for s in scan_repository(self.repo, ModelConfig()) if s.name == served_name]
+        except ModelLoadError as exc:
+            raise CommandError(str(exc)) from None
+        return max(sources, key=lambda s: int(s.version)).path if sources else None
+
+
+@dataclass(frozen=True)
+class Target:
+    label: str  # "hrnet serve", "MLServer 1.7.1", ...
+    address: str
+    model: ModelInfo
+    pid: int | None = None  # a server we started, whose CPU time is read
+    settings: dict[str, Any] = field(default_factory=dict)  # how it runs, stated in the report
+    model_file: Path | None = None  # what the ceiling measures
+
+
+@contextlib.contextmanager
+def hrnet_target(
+    source: ServerSource, serve_flags: Sequence[str] = (), label: str = "hrnet serve"
+) -> Iterator[Target]:
+    """Ours: the server at `source.url`, or `hrnet serve` started on 127.0.0.1 and stopped after."""
+    if source.url:
+        model = fetch_model_info(source.url, source.model_name)
+        yield Target(label, source.url, model, None, {"url": source.url}, source.model)
+        return
+    args = [*source.serve_args(), "--metrics-port", "-1", "--log-format", "text", *serve_flags]
+    with started(ServerProcess(args)) as server:
+        name = source.model_name or (default_model_name(source.model) if source.model else "")
+        model = fetch_model_info(server.address, name)
+        settings = {"command": shlex.join(["hrnet", "serve", *args])}
+        yield Target(label, server.address, model, server.proc.pid, settings, source.model_file(model.name))  # type: ignore[union-attr]
+
+
+@contextlib.contextmanager
+def started(server: ServerProcess) -> Iterator[ServerProcess]:
+    """Start `server` (a CommandError with its own reason if it cannot) and always stop it."""
+    try:
+        server.start(START_TIMEOUT_S)
+    except ServerExited as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class StatisticsProbe:
+    """The server's ModelStatistics over the window: queue and compute time per request, mean batch.
+
+    Servers without the statistics extension (MLServer) give nothing, and the report says so.
+    """
+
+    def __init__(self, address: str, model: str) -> None:
+        self.address = address
+        self.model = model
+        self._before: kpb.ModelStatistics | None = None
+
+    def _read(self) -> kpb.ModelStatistics | None:
+        try:
+            with grpc.insecure_channel(self.address) as channel:
+                response = channel.unary_unary(
+                    "/inference.GRPCInferenceService/ModelStatistics",
+                    request_serializer=kpb.ModelStatisticsRequest.SerializeToString,
+                    response_deserializer=kpb.ModelStatisticsResponse.FromString,
+                )(kpb.ModelStatisticsRequest(name=self.model), timeout=10)
+        except grpc.RpcError:
+            return None
+        # Several versions: add them up (the newest serves unversioned requests).
+        total = kpb.ModelStatistics(name=self.model)
+        for stats in response.model_stats:
+            total.inference_count += stats.inference_count
+            total.execution_count += stats.execution_count
+            for name in ("queue", "compute_infer"):
+                part, whole = getattr(stats.inference_stats, name), getattr(total.inference_stats, name)
+                whole.count += part.count
+                whole.ns += part.ns
+        return total if response.model_stats else None
+
+    def start(self) -> None:
+        self._before = self._read()
+
+    def stop(self) -> dict[str, float]:
+        after, before = self._read(), self._before
+        if after is None or before is None:
+            return {}
+        figures: dict[str, float] = {}
+        for key, name in (("queue_ms", "queue"), ("compute_ms", "compute_infer")):
+            a, b = getattr(after.inference_stats, name), getattr(before.inference_stats, name)
+            if a.count > b.count:
+                figures[key] = (a.ns - b.ns) / (a.count - b.count) / 1e6
+        executions = after.execution_count - before.execution_count
+        if executions > 0:
+            figures["mean_batch"] = (after.inference_count - before.inference_count) / executions
+        return figures
+
+
+class CpuProbe:
+    """CPU cores a server process (and its worker processes) used over the window."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self._start: tuple[float, float] | None = None
+
+    def _cpu_s(self) -> float:
+        total = 0.0
+        for proc in [self.process, *self.process.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                total += times.user + times.system
+        return total
+
+    def start(self) -> None:
+        self._start = (time.monotonic(), self._cpu_s())
+
+    def stop(self) -> dict[str, float]:
+        if self._start is None:
+            return {}
+        elapsed = time.monotonic() - self._start[0]
+        return {"server_cpu": (self._cpu_s() - self._start[1]) / elapsed} if elapsed > 0 else {}
