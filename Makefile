@@ -12,7 +12,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[serve,train,dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[serve,train,dev,bench]"
 	@touch $(STAMP)
 
 test: $(STAMP)

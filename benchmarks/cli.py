@@ -1,44 +1,185 @@
-"""`hrnet bench`: for now, the effect of dynamic batching on one model (the full CLI comes later).
+"""`hrnet bench MODE`: how fast and how accurate the server is, against the hardware and the peers.
 
-    hrnet bench --model model.onnx [--concurrency 16] [--requests 800] [--max-batch-size 16] [--repeats 5]
+    hrnet bench ceiling  --model a.onnx [--model b.onnx] [--batch-sizes 1,2,4,8,16,32]
+    hrnet bench load     --model m.onnx | --repo DIR | --url HOST:PORT  [--concurrency 1,4,16,64]
+                         [--rate 20,40]                              # open loop, Poisson arrivals
+    hrnet bench peers    --model m.onnx [--concurrency 1,2,4,8,16,32]  # ours and MLServer, one run
+    hrnet bench accuracy --model m.onnx --data VAL_DIR [--ckpt CKPT]   # top-1/5, against hrnet eval
+    hrnet bench batching --model m.onnx [--concurrency 16] [--repeats 3]  # batching off vs on
 
-Starts `hrnet serve` twice on 127.0.0.1, without batching and with it, sends the same load and
-prints img/s, p50/p99 latency and the mean executed batch for each, then the median speed-up.
+Every mode prints a table and takes `--json FILE` and `--report DIR` (Markdown, JSON, PNG plots).
+Servers started here listen on 127.0.0.1 only and are always stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 from core.errors import CommandError
 
+MODES = ("ceiling", "load", "peers", "accuracy", "batching")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected numbers > 0, got {text!r}")
+    return values
+
+
+def _output(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("--json", type=Path, help="write the results as JSON here")
+    group.add_argument("--report", type=Path, help="write MODE.md, MODE.json and MODE_*.png into this folder")
+    group.add_argument("--note", default="", help="conditions to state in the report (e.g. 'shared machine')")
+    group.add_argument(
+        "--device", default="cpu", choices=["cpu", "gpu"], help="where backends run (default cpu)"
+    )
+
+
+def _server(parser: argparse.ArgumentParser, model_help: str) -> None:
+    group = parser.add_argument_group("server under test")
+    group.add_argument("--url", default="", help="a running server, HOST:PORT (KServe v2 gRPC)")
+    group.add_argument("--model", type=Path, help=model_help)
+    group.add_argument("--repo", type=Path, help="start `hrnet serve --repo DIR` on 127.0.0.1")
+    group.add_argument("--model-name", default="", help="the model to load (default: the server's only one)")
+    group.add_argument("--api", default="kserve", choices=["kserve", "classifier"], help="default kserve")
+    group.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+
+
+def _load(parser: argparse.ArgumentParser, concurrency_help: str) -> None:
+    group = parser.add_argument_group("load")
+    group.add_argument("--concurrency", type=_ints, help=concurrency_help)
+    group.add_argument(
+        "--warmup", type=float, default=2.0, help="seconds of load before measuring (default 2)"
+    )
+    group.add_argument("--duration", type=float, default=10.0, help="seconds measured per level (default 10)")
+    group.add_argument("--requests", type=int, default=0, help="measure this many requests per level instead")
+    group.add_argument("--workers", type=int, default=1, help="load generator processes (default 1)")
+    group.add_argument(
+        "--images", type=Path, help="send encoded images from this folder (default: FP32 tensors)"
+    )
+    group.add_argument("--images-per-request", type=int, default=1, help="default 1")
+    group.add_argument("--streaming", action="store_true", help="one bidirectional stream per worker")
+    group.add_argument("--max-batch-size", type=int, default=0, help="hrnet serve --max-batch-size")
+    group.add_argument(
+        "--max-queue-delay-us", type=int, default=None, help="hrnet serve --max-queue-delay-us"
+    )
+    _ceiling_options(parser)
+
+
+def _ceiling_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ceiling (the served file in-process, same backend)")
+    group.add_argument("--batch-sizes", type=_ints, help="default 1, 2, 4, ... up to the server's max batch")
+    group.add_argument("--ceiling-seconds", type=float, default=2.0, help="per batch size (default 2)")
+    group.add_argument("--no-ceiling", action="store_true", help="skip it (ratios are then not reported)")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, required=True, help="ONNX or MINDIR file to serve")
-    parser.add_argument("--concurrency", type=int, default=16, help="concurrent callers (default 16)")
-    parser.add_argument("--requests", type=int, default=800, help="single-image requests per setting")
-    parser.add_argument(
-        "--max-batch-size", type=int, default=16, help="batch size when batching (default 16)"
+    parser.description = __doc__.split("\n\n")[0] if __doc__ else None
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__.split("\n\n", 1)[1] if __doc__ else None
+    modes = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
+
+    p = modes.add_parser(
+        "ceiling", help="in-process img/s and latency per batch size, several files side by side"
     )
-    parser.add_argument("--max-queue-delay-us", type=int, default=2000, help="batching wait (default 2000)")
-    parser.add_argument("--repeats", type=int, default=1, help="alternate the two settings this many times")
+    p.add_argument(
+        "--model", type=Path, action="append", required=True, help="ONNX or MINDIR file (repeatable)"
+    )
+    p.add_argument("--batch-sizes", type=_ints, help="default 1,2,4,8,16,32")
+    p.add_argument("--seconds", type=float, default=2.0, help="measured per batch size (default 2)")
+    _output(p)
+
+    p = modes.add_parser("load", help="a concurrency sweep or Poisson rates against one server")
+    _server(
+        p, "serve this file with `hrnet serve` on 127.0.0.1 (with --url: the file it serves, for the ceiling)"
+    )
+    _load(p, "closed-loop callers per level (default 1,4,16,64 unless --rate)")
+    p.add_argument("--rate", type=_floats, help="open-loop levels: Poisson arrivals, requests/s")
+    p.add_argument(
+        "--serve-args", default="", help="more `hrnet serve` flags, e.g. '--instances 2 --threads 1'"
+    )
+    _output(p)
+
+    p = modes.add_parser("peers", help="ours and MLServer on the same file and load, side by side")
+    _server(p, "the ONNX file both servers serve")
+    _load(p, "closed-loop callers per level (default 1,4,16,64 unless --rate)")
+    p.add_argument("--rate", type=_floats, help="open-loop levels: Poisson arrivals, requests/s")
+    p.add_argument("--serve-args", default="", help="more `hrnet serve` flags")
+    p.add_argument("--peers-dir", type=Path, default=Path("runs/peers"), help="peer virtual environments")
+    p.set_defaults(max_batch_size=16, max_queue_delay_us=2000)
+    _output(p)
+
+    p = modes.add_parser(
+        "accuracy", help="val top-1/top-5 through the server, image by image against hrnet eval"
+    )
+    _server(p, "serve this file with `hrnet serve` on 127.0.0.1")
+    p.add_argument("--data", type=Path, required=True, help="ImageFolder val set: DIR/<class>/<image>")
+    p.add_argument("--ckpt", type=Path, help="checkpoint the export came from: run `hrnet eval` and compare")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
+    _output(p)
+
+    p = modes.add_parser("batching", help="dynamic batching off vs on at one concurrency, alternated")
+    p.add_argument("--model", type=Path, required=True, help="ONNX or MINDIR file to serve")
+    p.add_argument("--concurrency", type=int, default=16, help="closed-loop callers (default 16)")
+    p.add_argument("--repeats", type=int, default=3, help="alternate the two settings this many times")
+    p.add_argument("--max-batch-size", type=int, default=16, help="batch size when batching (default 16)")
+    p.add_argument("--max-queue-delay-us", type=int, default=2000, help="batching wait (default 2000)")
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--requests", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--api", default="kserve", choices=["kserve", "classifier"])
+    p.add_argument("--images", type=Path)
+    p.add_argument("--images-per-request", type=int, default=1)
+    p.add_argument("--streaming", action="store_true")
+    p.add_argument("--timeout", type=float, default=60.0)
+    _ceiling_options(p)
+    _output(p)
+
+
+def _check(args: argparse.Namespace) -> None:
+    if getattr(args, "workers", 1) < 1:
+        raise CommandError(f"--workers must be >= 1, got {args.workers}")
+    if getattr(args, "requests", 0) < 0 or getattr(args, "warmup", 0) < 0:
+        raise CommandError("--requests and --warmup must be >= 0")
+    if getattr(args, "requests", 0) == 0 and getattr(args, "duration", 1) <= 0:
+        raise CommandError("--duration must be > 0 (or give --requests)")
+    if getattr(args, "repeats", 1) < 1 or (args.mode in ("batching", "accuracy") and args.concurrency < 1):
+        raise CommandError("--repeats and --concurrency must be >= 1")
+    if args.mode == "batching" and not args.model.is_file():
+        raise CommandError(f"model file {args.model} does not exist")
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks.batching import compare, report
+    from benchmarks import modes, report
 
-    if not args.model.is_file():
-        raise CommandError(f"model file {args.model} does not exist")
-    if args.concurrency < 1 or args.requests < args.concurrency or args.repeats < 1:
-        raise CommandError("need --concurrency >= 1, --requests >= --concurrency and --repeats >= 1")
-    results = compare(
-        args.model,
-        args.concurrency,
-        args.requests,
-        args.max_batch_size,
-        args.max_queue_delay_us,
-        args.repeats,
-    )
-    print(report(results, args.concurrency))
+    _check(args)
+    runners: dict[str, Callable[[argparse.Namespace], report.Report]] = {
+        "ceiling": modes.ceiling,
+        "load": modes.load,
+        "peers": lambda a: modes.load(a, with_peers=True),
+        "accuracy": modes.accuracy,
+        "batching": modes.batching_mode,
+    }
+    document = runners[args.mode](args).as_dict()
+    print(report.terminal(document))
+    for path in report.write(document, args.json, args.report):
+        print(f"wrote {path}")
     return 0

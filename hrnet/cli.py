@@ -39,7 +39,7 @@ COMMANDS: dict[str, Command] = {
     "classify": Command("clients.cli", "", "classify images through a running server"),
     "health": Command("clients.health", "", "exit 0 if a server's gRPC health service says SERVING"),
     "bench": Command(
-        "benchmarks.cli", "serve", "measure throughput, latency and accuracy through the server"
+        "benchmarks.cli", "serve,bench", "measure throughput, latency and accuracy through the server"
     ),
     "demo": Command("hrnet.demo", "serve,train", "the whole job end to end on the bundled digits set"),
 }
