@@ -195,3 +195,57 @@ def start_server() -> Iterator[Callable[..., RunningServer]]:
     yield start
     for running in started:
         running.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmarks: a digits model whose predictions depend on the image, without training one.
+#   digits_model (session) DigitsModel: .data (ImageFolder with train/ and val/), .val, .ckpt
+#                (w18_small_v1, 32 px, our metadata, labels "0".."9", BatchNorm statistics of
+#                real digits images so the logits vary with the input) and .onnx (its export).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DigitsModel:
+    data: Path
+    val: Path
+    ckpt: Path
+    onnx: Path
+
+
+@pytest.fixture(scope="session")
+def digits_model(tmp_path_factory: pytest.TempPathFactory) -> DigitsModel:
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    from core.metadata import ModelMetadata
+    from training.checkpoint import save_checkpoint
+    from training.data import class_names, eval_dataset
+    from training.digits import write_digits
+    from training.export import export_checkpoint
+    from training.model import create_model
+
+    root = tmp_path_factory.mktemp("digits_model")
+    data = write_digits(root / "data", size=32, seed=0)
+    labels = tuple(class_names(data / "val"))
+    meta = ModelMetadata(
+        "w18_small_v1",
+        len(labels),
+        input_size=32,
+        resize_size=32,
+        labels=labels,
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+    )
+    ms.set_seed(3)
+    net = create_model(meta.arch, meta.num_classes)
+    for _, cell in net.cells_and_names():
+        if isinstance(cell, nn.BatchNorm2d):  # momentum 1: the statistics become this batch's own
+            cell.bn_train = ops.BatchNorm(is_training=True, epsilon=cell.eps, momentum=1.0)
+    images, _ = next(eval_dataset(data / "train", meta, batch_size=64, num_workers=1).create_tuple_iterator())
+    net.set_train(True)
+    net(images)
+    net.set_train(False)
+    ckpt = save_checkpoint(net, root / "digits.ckpt", meta)
+    onnx_path = export_checkpoint(ckpt, "ONNX", root / "digits.onnx")
+    return DigitsModel(data, data / "val", ckpt, onnx_path)
