@@ -91,7 +91,7 @@ class Probe(Protocol):
 
     def start(self) -> None: ...
 
-    def stop(self) -> dict[str, float]: ...
+    def stop(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class Measured:
     images_per_request: int
     latency: LatencySummary | None
     loadgen_cpu: float  # CPU cores the generator's processes used over the window
-    server: dict[str, float] = field(default_factory=dict)  # what the probes read
+    server: dict[str, Any] = field(default_factory=dict)  # what the probes read
 
     @property
     def req_s(self) -> float:
@@ -166,7 +166,7 @@ class LoadGenerator:
         _sleep_until(window_start)
         for probe in probes:
             probe.start()
-        server: dict[str, float] = {}
+        server: dict[str, Any] = {}
         if not level.requests:
             _sleep_until(window_start + level.duration_s)
             server = _stop(probes)
@@ -213,8 +213,8 @@ def _sleep_until(when: float) -> None:
         time.sleep(delay)
 
 
-def _stop(probes: Sequence[Probe]) -> dict[str, float]:
-    figures: dict[str, float] = {}
+def _stop(probes: Sequence[Probe]) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
     for probe in probes:
         figures.update(probe.stop())
     return figures
@@ -235,7 +235,7 @@ def _merge(
     samples: list[_Samples],
     window_start: float,
     images_per_request: int,
-    server: dict[str, float],
+    server: dict[str, Any],
 ) -> Measured:
     codes: Counter[str] = Counter()
     for s in samples:

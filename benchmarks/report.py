@@ -114,11 +114,20 @@ LEVEL_COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("queue ms", "queue_ms", _f),
     ("compute ms", "compute_ms", _f),
     ("mean batch", "mean_batch", lambda v: _f(v, 2)),
+    ("batches run", "batch_sizes", lambda v: _batches(v)),
     ("server CPU", "server_cpu", lambda v: _f(v, 2)),
     ("img/CPU-s", "img_per_cpu_s", _f),
     ("load gen CPU", "loadgen_cpu", lambda v: _f(v, 2)),
     ("/ceiling", "ratio_to_ceiling", _ratio),
 )
+
+
+def _batches(sizes: dict[str, int] | None) -> str:
+    """The most run batch sizes, "15x12 1x12": a mean hides a batcher alternating big and small."""
+    if not sizes:
+        return "-"
+    common = sorted(sizes.items(), key=lambda kv: (-kv[1], -int(kv[0])))[:3]
+    return " ".join(f"{size}x{count}" for size, count in common) + (" ..." if len(sizes) > 3 else "")
 
 
 def _errors(errors: dict[str, int]) -> str:
@@ -337,7 +346,7 @@ def write_plots(report: dict[str, Any], folder: Path, stem: str) -> list[Path]:
         save(fig, "batches")
 
     targets = [t for t in report["targets"] if t["levels"]]
-    if targets and report["mode"] != "batching":
+    if targets and report["mode"] != "batching":  # batching repeats one level: nothing to draw against
         closed = any(lv["concurrency"] for t in targets for lv in t["levels"])
         x_key, x_label = ("concurrency", "concurrent callers") if closed else ("rate", "offered req/s")
         for key, title, name in (("img_s", "Throughput", "throughput"), ("p99_ms", "p99 latency", "p99")):
@@ -354,11 +363,15 @@ def write_plots(report: dict[str, Any], folder: Path, stem: str) -> list[Path]:
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
             save(fig, name)
+    if targets:
         fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4), squeeze=False)
         for ax, t in zip(axes[0], targets, strict=True):
-            for lv in t["levels"]:
+            labels = [level_label(lv) for lv in t["levels"]]
+            for run, (lv, label) in enumerate(zip(t["levels"], labels, strict=True), 1):
+                if labels.count(label) > 1:  # batching repeats its level
+                    label = f"{label}, run {run}"
                 if lv["cdf_ms"]:
-                    ax.plot([p[1] for p in lv["cdf_ms"]], [p[0] for p in lv["cdf_ms"]], label=level_label(lv))
+                    ax.plot([p[1] for p in lv["cdf_ms"]], [p[0] for p in lv["cdf_ms"]], label=label)
             ax.set(xscale="log", xlabel="latency ms", ylabel="percentile", title=f"Latency CDF: {t['label']}")
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)

@@ -107,6 +107,7 @@ class LevelResult:
     queue_ms: float | None  # the server's own split, from ModelStatistics
     compute_ms: float | None
     mean_batch: float | None
+    batch_sizes: dict[int, int] | None  # executions per batch size over the window
     server_cpu: float | None  # cores; only for servers started here
     # img/s per core the server used: what it made of the CPU it got, comparable with the
     # ceiling's on a shared machine where the share each process gets varies from level to level
@@ -141,6 +142,7 @@ class LevelResult:
             queue_ms=server.get("queue_ms"),
             compute_ms=server.get("compute_ms"),
             mean_batch=server.get("mean_batch"),
+            batch_sizes=dict(sorted(server["batch_sizes"].items())) if "batch_sizes" in server else None,
             server_cpu=server.get("server_cpu"),
             img_per_cpu_s=img_s / server["server_cpu"] if server.get("server_cpu") else None,
             loadgen_cpu=measured.loadgen_cpu,

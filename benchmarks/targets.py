@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import shlex
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,7 @@ class StatisticsProbe:
         # Several versions: add them up (the newest serves unversioned requests).
         total = kpb.ModelStatistics(name=self.model)
         for stats in response.model_stats:
+            total.MergeFrom(kpb.ModelStatistics(batch_stats=stats.batch_stats))
             total.inference_count += stats.inference_count
             total.execution_count += stats.execution_count
             for name in ("queue", "compute_infer"):
@@ -143,11 +145,11 @@ class StatisticsProbe:
     def start(self) -> None:
         self._before = self._read()
 
-    def stop(self) -> dict[str, float]:
+    def stop(self) -> dict[str, Any]:
         after, before = self._read(), self._before
         if after is None or before is None:
             return {}
-        figures: dict[str, float] = {}
+        figures: dict[str, Any] = {}
         for key, name in (("queue_ms", "queue"), ("compute_ms", "compute_infer")):
             a, b = getattr(after.inference_stats, name), getattr(before.inference_stats, name)
             if a.count > b.count:
@@ -155,7 +157,16 @@ class StatisticsProbe:
         executions = after.execution_count - before.execution_count
         if executions > 0:
             figures["mean_batch"] = (after.inference_count - before.inference_count) / executions
+            figures["batch_sizes"] = _batch_sizes(after) - _batch_sizes(before)
         return figures
+
+
+def _batch_sizes(stats: kpb.ModelStatistics) -> Counter[int]:
+    """Executions per batch size. A mean batch of 8 can be batches of 8, or of 15 and 1 in turn."""
+    sizes: Counter[int] = Counter()
+    for entry in stats.batch_stats:
+        sizes[int(entry.batch_size)] += int(entry.compute_infer.count)
+    return sizes
 
 
 class CpuProbe:
@@ -176,7 +187,7 @@ class CpuProbe:
     def start(self) -> None:
         self._start = (time.monotonic(), self._cpu_s())
 
-    def stop(self) -> dict[str, float]:
+    def stop(self) -> dict[str, Any]:
         if self._start is None:
             return {}
         elapsed = time.monotonic() - self._start[0]

@@ -85,8 +85,11 @@ def test_load_sweep_writes_reports_that_parse_back(model_repo, tmp_path: Path) -
         assert level["p50_ms"] <= level["p90_ms"] <= level["p99_ms"] <= level["p999_ms"] <= level["max_ms"]
         assert level["ratio_to_ceiling"] == pytest.approx(level["img_s"] / ceiling["best_img_s"])
         assert level["mean_batch"] >= 1 and level["compute_ms"] > 0 and level["queue_ms"] >= 0
+        sizes = {int(size): count for size, count in level["batch_sizes"].items()}
+        mean = sum(size * count for size, count in sizes.items()) / sum(sizes.values())
+        assert mean == pytest.approx(level["mean_batch"])
         assert level["server_cpu"] > 0 and level["loadgen_cpu"] > 0
-    assert target["levels"][0]["mean_batch"] == pytest.approx(1.0)  # one caller never batches
+    assert set(target["levels"][0]["batch_sizes"]) == {"1"}  # one caller never batches
     assert target["ratio_to_ceiling"] == max(lv["ratio_to_ceiling"] for lv in target["levels"])
     markdown = (folder / "load.md").read_text(encoding="utf-8")
     assert "## hrnet serve" in markdown and "| 4 callers |" in markdown and "saturation:" in markdown
