@@ -62,6 +62,20 @@ def fetch_model_info(address: str, model: str = "", timeout_s: float = 10.0) -> 
         )
 
 
+def server_name(address: str, timeout_s: float = 10.0) -> str:
+    """ "triton 2.41.0", "mlserver 1.7.1", "hrnet 0.1.0": what the server says it is (ServerMetadata)."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            meta = channel.unary_unary(
+                "/inference.GRPCInferenceService/ServerMetadata",
+                request_serializer=kpb.ServerMetadataRequest.SerializeToString,
+                response_deserializer=kpb.ServerMetadataResponse.FromString,
+            )(kpb.ServerMetadataRequest(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise CommandError(f"{address}: ServerMetadata failed: {_describe(exc)}") from None
+    return f"{meta.name} {meta.version}".strip() or address
+
+
 def _only_model(channel: grpc.Channel, address: str, timeout_s: float) -> str:
     try:
         stats = channel.unary_unary(

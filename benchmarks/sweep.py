@@ -6,6 +6,7 @@ background load over all servers alike, so their ratios hold even when absolute 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from collections.abc import Sequence
@@ -192,7 +193,8 @@ def run(
                 bar.set_description(f"{target.label}, {level.label}")
                 probes: list[Probe] = [StatisticsProbe(target.address, target.model.name)]
                 if target.pid:
-                    probes.append(CpuProbe(target.pid))
+                    with contextlib.suppress(ImportError):  # without psutil: no server CPU figure
+                        probes.append(CpuProbe(target.pid))
                 result = LevelResult.of(generator.run(target.label, level, probes), ceiling_img_s)
                 results[target.label].levels.append(result)
                 bar.update()

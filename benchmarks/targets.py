@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import psutil
 
-from benchmarks.protocol import ModelInfo, fetch_model_info
+from benchmarks.protocol import ModelInfo, fetch_model_info, server_name
 from core.errors import CommandError
 from protos import grpc_service_pb2 as kpb
 from serving.config import ModelConfig
@@ -83,10 +82,11 @@ class Target:
 def hrnet_target(
     source: ServerSource, serve_flags: Sequence[str] = (), label: str = "hrnet serve"
 ) -> Iterator[Target]:
-    """Ours: the server at `source.url`, or `hrnet serve` started on 127.0.0.1 and stopped after."""
+    """The server at `source.url` (named as it names itself), or `hrnet serve` started on 127.0.0.1."""
     if source.url:
         model = fetch_model_info(source.url, source.model_name)
-        yield Target(label, source.url, model, None, {"url": source.url}, source.model)
+        name = server_name(source.url)
+        yield Target(name, source.url, model, None, {"url": source.url, "server": name}, source.model)
         return
     args = [*source.serve_args(), "--metrics-port", "-1", "--log-format", "text", *serve_flags]
     with started(ServerProcess(args)) as server:
@@ -170,16 +170,23 @@ def _batch_sizes(stats: kpb.ModelStatistics) -> Counter[int]:
 
 
 class CpuProbe:
-    """CPU cores a server process (and its worker processes) used over the window."""
+    """CPU cores a server process (and its worker processes) used over the window.
+
+    psutil is imported here, not at the top: where it is missing (a bare GPU machine) the
+    benchmark still runs, without this one figure.
+    """
 
     def __init__(self, pid: int) -> None:
+        import psutil
+
+        self.psutil = psutil
         self.process = psutil.Process(pid)
         self._start: tuple[float, float] | None = None
 
     def _cpu_s(self) -> float:
         total = 0.0
         for proc in [self.process, *self.process.children(recursive=True)]:
-            with contextlib.suppress(psutil.Error):
+            with contextlib.suppress(self.psutil.Error):
                 times = proc.cpu_times()
                 total += times.user + times.system
         return total

@@ -98,6 +98,25 @@ def test_load_sweep_writes_reports_that_parse_back(model_repo, tmp_path: Path) -
     assert "saturation:" in result.stdout and "wrote" in result.stdout
 
 
+def test_load_against_a_running_server_by_url(grpc_server, model_repo, digit_images, tmp_path: Path) -> None:
+    """Any running KServe server: named as it names itself; with its file given, the ceiling too."""
+    out = tmp_path / "url.json"
+    result = bench(
+        "load", "--url", grpc_server.address, "--model-name", "hrnet", "--model", model_repo.onnx,
+        "--concurrency", "2", "--warmup", "0.2", "--requests", "10", "--api", "classifier",
+        "--images", digit_images[0].path.parent, "--batch-sizes", "2", "--ceiling-seconds", "0.2",
+        "--json", out,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = read_json(out)
+    (target,) = report["targets"]
+    assert target["label"].startswith("hrnet ") and target["settings"]["url"] == grpc_server.address
+    (level,) = target["levels"]
+    assert (level["ok"], level["errors"], level["server_cpu"]) == (10, {}, None)  # not ours to measure
+    assert level["ratio_to_ceiling"] == pytest.approx(level["img_s"] / report["ceilings"][0]["best_img_s"])
+    assert "encoded images" in report["workload"]["input"] and report["workload"]["api"] == "classifier"
+
+
 def test_open_loop_streaming_and_errors_by_status(grpc_server, digit_images) -> None:
     """Poisson arrivals over one ClassifyStream with images; a wrong model name fails as NOT_FOUND."""
     model = fetch_model_info(grpc_server.address, "hrnet")
