@@ -70,9 +70,15 @@ def batch_ladder(max_batch: int) -> tuple[int, ...]:
     return (*sizes, max_batch)
 
 
-def measure(path: Path, batch_sizes: Sequence[int], device: str = "cpu", seconds: float = 2.0) -> Ceiling:
-    """Best throughput of `path` per batch size: warm-up runs, then runs for `seconds` (at least 3)."""
-    config = ModelConfig(device=device)
+def measure(
+    path: Path, batch_sizes: Sequence[int], config: ModelConfig | None = None, seconds: float = 2.0
+) -> Ceiling:
+    """Best throughput of `path` per batch size: warm-up runs, then runs for `seconds` (at least 3).
+
+    `config` is the served model's (backend, device, providers), run as one instance with all
+    the cores: the most the hardware gives that file, whatever the server's instance split.
+    """
+    config = dataclasses.replace(config or ModelConfig(), instances=1, threads_per_instance=0)
     try:
         backend = open_backend(Path(path), config)
     except ModelLoadError as exc:
@@ -86,7 +92,9 @@ def measure(path: Path, batch_sizes: Sequence[int], device: str = "cpu", seconds
             images = rng.standard_normal((batch, *shape)).astype(backend.input.dtype)  # type: ignore[union-attr]
             timings.append(_time_batch(backend, images, seconds))
             tqdm.write(f"ceiling, batch {batch}: {timings[-1].img_s:.1f} img/s", sys.stderr)
-        return Ceiling(str(path), backend.describe(), device, config.intra_op_threads(), tuple(timings))
+        return Ceiling(
+            str(path), backend.describe(), config.device, config.intra_op_threads(), tuple(timings)
+        )
     finally:
         backend.close()
 

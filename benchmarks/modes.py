@@ -25,6 +25,7 @@ from benchmarks.report import Report
 from benchmarks.sweep import WorkloadSpec
 from benchmarks.targets import ServerSource, Target, hrnet_target
 from core.errors import CommandError
+from serving.config import ModelConfig
 
 DEFAULT_CONCURRENCY = (1, 4, 16, 64)
 DEFAULT_MAX_BATCH = 32  # ladder for the ceiling when the server does not state its maximum
@@ -39,7 +40,8 @@ def command_line() -> str:
 def ceiling(args: argparse.Namespace) -> Report:
     machine = this_machine()
     sizes = args.batch_sizes or DEFAULT_BATCH_SIZES
-    ceilings = [measure(model, sizes, args.device, args.seconds) for model in args.model]
+    config = ModelConfig(device=args.device)
+    ceilings = [measure(model, sizes, config, args.seconds) for model in args.model]
     return Report("ceiling", machine, command_line(), args.note, ceilings=ceilings)
 
 
@@ -53,7 +55,7 @@ def load(args: argparse.Namespace, with_peers: bool = False) -> Report:
     if with_peers and (spec.api != KSERVE or spec.images is not None):
         raise CommandError("peers take --api kserve with FP32 tensors: their runtime decodes no images")
     with contextlib.ExitStack() as stack:
-        ours = stack.enter_context(hrnet_target(source, flags))
+        ours = stack.enter_context(hrnet_target(source, flags, device=args.device))
         targets = [ours]
         if with_peers:
             if ours.model_file is None:
@@ -91,9 +93,10 @@ def batching_mode(args: argparse.Namespace) -> Report:
         concurrency=args.concurrency, warmup_s=args.warmup, duration_s=args.duration, requests=args.requests
     )
     with contextlib.ExitStack() as stack:
-        off_target = stack.enter_context(hrnet_target(source, [*device, *batching.OFF_FLAGS], "no batching"))
+        off_flags = [*device, *batching.OFF_FLAGS]
+        off_target = stack.enter_context(hrnet_target(source, off_flags, "no batching", args.device))
         label = f"batching {args.max_batch_size} / {args.max_queue_delay_us} us"
-        on_target = stack.enter_context(hrnet_target(source, [*device, *on], label))
+        on_target = stack.enter_context(hrnet_target(source, [*device, *on], label, args.device))
         measured = _ceiling(on_target, args)
         generator = stack.enter_context(LoadGenerator(args.workers))
         targets = [off_target, on_target]
@@ -116,7 +119,7 @@ def accuracy(args: argparse.Namespace) -> Report:
     source = _source(args)
     classes, images = image_folder(args.data)
     api = make_api(args.api, top_k=5)
-    with hrnet_target(source, _device_flags(args)) as target:
+    with hrnet_target(source, _device_flags(args), device=args.device) as target:
         predictions, img_s = classify_all(
             target.address, api, target.model, images, args.concurrency, args.timeout
         )
@@ -170,7 +173,7 @@ def _ceiling(target: Target, args: argparse.Namespace) -> Ceiling | None:
         print("no ceiling: the served model file is unknown (with --url, add --model FILE)", file=sys.stderr)
         return None
     sizes = args.batch_sizes or batch_ladder(target.model.max_batch_size or DEFAULT_MAX_BATCH)
-    return measure(target.model_file, sizes, args.device, args.ceiling_seconds)
+    return measure(target.model_file, sizes, target.model_config, args.ceiling_seconds)
 
 
 def _comparison(results: Sequence[sweep.TargetResult]) -> dict[str, object]:

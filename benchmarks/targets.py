@@ -55,17 +55,20 @@ class ServerSource:
         name = ["--model-name", self.model_name] if self.model_name else []
         return ["--model", str(self.model), *name]
 
-    def model_file(self, served_name: str) -> Path | None:
-        """The file the ceiling measures: `--model`, or the newest version of the model in `--repo`."""
-        if self.model:
-            return self.model
+    def served(self, served_name: str, defaults: ModelConfig) -> tuple[Path | None, ModelConfig]:
+        """The file the server runs and how: `--model` with `defaults`, or the newest version in
+        `--repo` with the model's own config.yaml over `defaults`, as the server reads it.
+        """
         if not self.repo:
-            return None
+            return self.model, defaults
         try:
-            sources = [s for s in scan_repository(self.repo, ModelConfig()) if s.name == served_name]
+            sources = [s for s in scan_repository(self.repo, defaults) if s.name == served_name]
         except ModelLoadError as exc:
             raise CommandError(str(exc)) from None
-        return max(sources, key=lambda s: int(s.version)).path if sources else None
+        if not sources:
+            return None, defaults
+        newest = max(sources, key=lambda s: int(s.version))
+        return newest.path, newest.config
 
 
 @dataclass(frozen=True)
@@ -75,25 +78,28 @@ class Target:
     model: ModelInfo
     pid: int | None = None  # a server we started, whose CPU time is read
     settings: dict[str, Any] = field(default_factory=dict)  # how it runs, stated in the report
-    model_file: Path | None = None  # what the ceiling measures
+    model_file: Path | None = None  # what the ceiling measures...
+    model_config: ModelConfig = field(default_factory=ModelConfig)  # ...and how the server runs it
 
 
 @contextlib.contextmanager
 def hrnet_target(
-    source: ServerSource, serve_flags: Sequence[str] = (), label: str = "hrnet serve"
+    source: ServerSource, serve_flags: Sequence[str] = (), label: str = "hrnet serve", device: str = "cpu"
 ) -> Iterator[Target]:
     """The server at `source.url` (named as it names itself), or `hrnet serve` started on 127.0.0.1."""
     if source.url:
         model = fetch_model_info(source.url, source.model_name)
         name = server_name(source.url)
-        yield Target(name, source.url, model, None, {"url": source.url, "server": name}, source.model)
+        settings = {"url": source.url, "server": name}
+        yield Target(name, source.url, model, None, settings, source.model, ModelConfig(device=device))
         return
     args = [*source.serve_args(), "--metrics-port", "-1", "--log-format", "text", *serve_flags]
     with started(ServerProcess(args)) as server:
         name = source.model_name or (default_model_name(source.model) if source.model else "")
         model = fetch_model_info(server.address, name)
         settings = {"command": shlex.join(["hrnet", "serve", *args])}
-        yield Target(label, server.address, model, server.proc.pid, settings, source.model_file(model.name))  # type: ignore[union-attr]
+        path, config = source.served(model.name, ModelConfig(device=device))
+        yield Target(label, server.address, model, server.proc.pid, settings, path, config)  # type: ignore[union-attr]
 
 
 @contextlib.contextmanager
