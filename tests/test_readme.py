@@ -96,6 +96,26 @@ ELSEWHERE: dict[str, Elsewhere] = {
     r"kubectl (apply|create) .*": Elsewhere(
         "no cluster here", "tests/deploy/test_manifests.py::test_manifest_is_valid"
     ),
+    r"hrnet bench load --model w48\.onnx --device gpu .*": Elsewhere(
+        "a GPU and a W48 export",
+        "tests/benchmarks/test_bench.py::test_load_sweep_writes_reports_that_parse_back",
+    ),
+    r"hrnet bench load --url triton:8001 .*": Elsewhere(
+        "a running Triton and an ImageNet val folder",
+        "tests/benchmarks/test_bench.py::test_load_against_a_running_server_by_url",
+    ),
+    r"hrnet bench ceiling --model w48_fp32\.onnx .*": Elsewhere(
+        "a GPU and W48 fp32 and fp16 exports",
+        "tests/benchmarks/test_bench.py::test_ceiling_reports_several_files_side_by_side",
+    ),
+    r"hrnet bench accuracy --model runs/demo/.*": Elsewhere(
+        "needs `make demo`'s checkpoint and export (minutes of training)",
+        "tests/benchmarks/test_bench.py::test_accuracy_through_the_server_equals_hrnet_eval",
+    ),
+    r"bash benchmarks/results/w18_small_v1_224_cpu\.sh .*": Elsewhere(
+        "ten minutes of measurement, meant for a quiet machine",
+        "tests/benchmarks/test_bench.py::test_peers_runs_mlserver_beside_ours",
+    ),
 }
 
 
