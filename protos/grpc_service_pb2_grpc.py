@@ -79,6 +79,11 @@ class GRPCInferenceServiceStub:
                 request_serializer=protos_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
                 response_deserializer=protos_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
                 _registered_method=True)
+        self.TraceSetting = channel.unary_unary(
+                '/inference.GRPCInferenceService/TraceSetting',
+                request_serializer=protos_dot_grpc__service__pb2.TraceSettingRequest.SerializeToString,
+                response_deserializer=protos_dot_grpc__service__pb2.TraceSettingResponse.FromString,
+                _registered_method=True)
 
 
 class GRPCInferenceServiceServicer:
@@ -139,6 +144,13 @@ class GRPCInferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TraceSetting(self, request, context):
+        """OpenTelemetry tracing: read (no settings) or change trace_level / trace_rate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -186,6 +198,11 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.ModelStatistics,
                     request_deserializer=protos_dot_grpc__service__pb2.ModelStatisticsRequest.FromString,
                     response_serializer=protos_dot_grpc__service__pb2.ModelStatisticsResponse.SerializeToString,
+            ),
+            'TraceSetting': grpc.unary_unary_rpc_method_handler(
+                    servicer.TraceSetting,
+                    request_deserializer=protos_dot_grpc__service__pb2.TraceSettingRequest.FromString,
+                    response_serializer=protos_dot_grpc__service__pb2.TraceSettingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -431,6 +448,33 @@ class GRPCInferenceService:
             '/inference.GRPCInferenceService/ModelStatistics',
             protos_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
             protos_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TraceSetting(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/TraceSetting',
+            protos_dot_grpc__service__pb2.TraceSettingRequest.SerializeToString,
+            protos_dot_grpc__service__pb2.TraceSettingResponse.FromString,
             options,
             channel_credentials,
             insecure,
