@@ -52,6 +52,20 @@ class BatchRecord:
     ok: bool
 
 
+@dataclass(frozen=True)
+class RunTiming:
+    """When one request (or chunk of one) was queued, left the queue in a batch, was computed and
+    answered, on the batcher's clock; what tracing turns into its queue, batch and compute spans."""
+
+    enqueued: float
+    started: float  # taken into a batch
+    compute_started: float
+    compute_ended: float
+    finished: float  # its outputs handed back
+    batch_size: int  # images in the batch
+    batch_requests: int
+
+
 class BatchListener(Protocol):
     def batch_done(self, record: BatchRecord) -> None: ...
 
@@ -70,6 +84,7 @@ class _Task:
     future: asyncio.Future[np.ndarray]
     enqueued: float
     deadline: float | None
+    on_run: Callable[[RunTiming], None] | None = None
     state: _State = _State.QUEUED
 
     @property
@@ -127,12 +142,19 @@ class Batcher:
             self._free.put_nowait(runner)
         self._scheduler = asyncio.create_task(self._schedule(), name="batcher")
 
-    async def submit(self, items: np.ndarray, deadline: float | None = None, priority: int = 0) -> np.ndarray:
+    async def submit(
+        self,
+        items: np.ndarray,
+        deadline: float | None = None,
+        priority: int = 0,
+        on_run: Callable[[RunTiming], None] | None = None,
+    ) -> np.ndarray:
         """Run `items` (N, ...) through a model instance; return its outputs (N, ...) in order.
 
         `deadline` is an absolute `clock()` time by which the request must have left the queue;
         `priority` orders the queue, lower first. Requests larger than `max_batch_size` are split
-        into chunks that batch independently, and their outputs are merged back.
+        into chunks that batch independently, and their outputs are merged back. `on_run` is
+        called with each computed chunk's timings.
         """
         if self._scheduler is None or self._closing:
             raise Unavailable("the server is shutting down and accepts no new work")
@@ -149,7 +171,9 @@ class Batcher:
         now = self._clock()
         self._note_arrival(now)
         step = self.config.max_batch_size
-        tasks = [self._enqueue(items[i : i + step], now, deadline, priority) for i in range(0, n, step)]
+        tasks = [
+            self._enqueue(items[i : i + step], now, deadline, priority, on_run) for i in range(0, n, step)
+        ]
         try:
             outputs = [await self._wait(task) for task in tasks]
         finally:
@@ -157,9 +181,16 @@ class Batcher:
                 self._abandon(task)
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
-    def _enqueue(self, items: np.ndarray, now: float, deadline: float | None, priority: int) -> _Task:
+    def _enqueue(
+        self,
+        items: np.ndarray,
+        now: float,
+        deadline: float | None,
+        priority: int,
+        on_run: Callable[[RunTiming], None] | None,
+    ) -> _Task:
         loop = asyncio.get_running_loop()
-        task = _Task(items=items, future=loop.create_future(), enqueued=now, deadline=deadline)
+        task = _Task(items=items, future=loop.create_future(), enqueued=now, deadline=deadline, on_run=on_run)
         heapq.heappush(self._heap, _Entry(priority, next(self._seq), task))
         self._queued_images += task.size
         assert self._arrival is not None and self._idle is not None
@@ -292,6 +323,7 @@ class Batcher:
             batch = tasks[0].items if len(tasks) == 1 else np.concatenate([t.items for t in tasks])
             loop = asyncio.get_running_loop()
             ok = False
+            compute_started = self._clock()
             try:
                 outputs = await loop.run_in_executor(self._executor, runner.infer, batch)
                 if outputs.shape[0] != batch.shape[0]:
@@ -307,13 +339,28 @@ class Batcher:
                 for task in tasks:
                     if not task.future.done():
                         task.future.set_exception(error)
-            compute_s = self._clock() - start
+            compute_ended = self._clock()
+            compute_s = compute_ended - start
             if ok:
                 offset = 0
                 for task in tasks:
                     if not task.future.done():
                         task.future.set_result(outputs[offset : offset + task.size])
                     offset += task.size
+                finished = self._clock()
+                for task in tasks:
+                    if task.on_run:
+                        task.on_run(
+                            RunTiming(
+                                task.enqueued,
+                                start,
+                                compute_started,
+                                compute_ended,
+                                finished,
+                                int(batch.shape[0]),
+                                len(tasks),
+                            )
+                        )
             if self._listener:
                 self._listener.batch_done(
                     BatchRecord(

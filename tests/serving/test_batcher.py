@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -231,4 +232,23 @@ async def test_priority_orders_the_queue() -> None:
     runner.gate.set()
     await asyncio.gather(busy, low, high)
     assert [float(x[0, 0]) for x in runner.batches] == [0, 2, 1]
+    await b.close()
+
+
+async def test_on_run_reports_each_chunks_timings_in_order() -> None:
+    runner = Doubler()
+    runner.gate.clear()
+    b = await _started([runner], clock=time.monotonic, max_batch_size=2, max_queue_delay_us=0)
+    seen: list = []
+    blocker = asyncio.create_task(b.submit(items(9)))
+    await _wait_entered(runner)
+    traced = asyncio.create_task(b.submit(items(1, 2, 3), on_run=seen.append))  # two chunks: 2 + 1
+    await asyncio.sleep(0.05)
+    runner.gate.set()
+    np.testing.assert_array_equal(await traced, items(2, 4, 6))
+    await blocker
+    assert sorted(t.batch_size for t in seen) == [1, 2]
+    for t in seen:
+        assert t.enqueued <= t.started <= t.compute_started <= t.compute_ended <= t.finished
+        assert t.started - t.enqueued >= 0.04  # it waited behind the blocked batch
     await b.close()
