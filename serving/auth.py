@@ -1,8 +1,9 @@
 """Who may call the server: a bearer token checked on every call, and TLS / mutual TLS.
 
 The token travels as call metadata `authorization: Bearer <token>` (what `clients.Client(token=)`
-and `hrnet classify --token` send). Health and liveness checks are exempt, so load balancers and
-orchestrators can probe the server without holding the secret.
+and `hrnet classify --token` send), over HTTP as the `Authorization` header. Health and liveness
+checks are exempt, so load balancers and orchestrators can probe the server without holding the
+secret. The REST port is held to the same token and the same certificates as the gRPC port.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
+from aiohttp import web
 
-from serving.errors import TlsFileError
+from serving.errors import TlsFileError, Unauthenticated
 
 # Probes that must work without credentials (Kubernetes, load balancers, `grpc_health_probe`).
 EXEMPT_METHODS = frozenset(
@@ -27,8 +30,11 @@ EXEMPT_METHODS = frozenset(
         "/inference.GRPCInferenceService/ServerReady",
     }
 )
+# The same two questions over REST.
+EXEMPT_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 FIRST_MESSAGE_WAIT_S = 5.0
 DENIED = "missing or wrong auth token: send the metadata 'authorization: Bearer <token>'"
+DENIED_HTTP = "missing or wrong auth token: send the header 'Authorization: Bearer <token>'"
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):
@@ -99,3 +105,34 @@ def bind(server: grpc.aio.Server, address: str, cert: str, key: str, client_ca: 
         [(private_key, chain)], root_certificates=client_roots, require_client_auth=bool(client_ca)
     )
     return server.add_secure_port(address, credentials)
+
+
+def http_middlewares(token: str) -> list[Any]:
+    """aiohttp middleware refusing every non-exempt request without `Authorization: Bearer <token>`."""
+    if not token:
+        return []
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check_token(request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> Any:
+        given = request.headers.get("Authorization", "").encode()
+        if request.path not in EXEMPT_PATHS and not hmac.compare_digest(given, expected):
+            raise Unauthenticated(DENIED_HTTP)
+        return await handler(request)
+
+    return [check_token]
+
+
+def ssl_context(cert: str, key: str, client_ca: str) -> ssl.SSLContext | None:
+    """The HTTP side of `bind`: None for plaintext, else TLS with the same files (and mutual TLS)."""
+    if not cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+        if client_ca:
+            context.load_verify_locations(client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsFileError(f"cannot read a TLS file: {exc}") from None
+    return context

@@ -21,14 +21,24 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
     async def Classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
-        return await self._classify(request, remaining_s(context, None))
+        return await self._classify(request, context, "Classify")
 
-    async def _classify(self, request: pb.ClassifyRequest, timeout_s: float | None) -> pb.ClassifyResponse:
+    async def _classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext, api: str
+    ) -> pb.ClassifyResponse:
         model = self.plane.get(request.model_name, request.model_version)
-        payload = codec.decode_classify_request(request)
-        deadline = self.plane.deadline(model, timeout_s)
-        logits = await self.plane.infer(model, payload, deadline)
-        return codec.encode_classify_response(request, model.name, model.version, logits, model.labels)
+        tracing = self.plane.tracing
+        with tracing.request(context.invocation_metadata, model.name, model.version, api):
+            with tracing.span("receive"):
+                payload = codec.decode_classify_request(request)
+            tracing.annotate("hrnet.request_id", request.id)
+            # A stream's requests are not bound by the call's deadline.
+            deadline = self.plane.deadline(model, remaining_s(context, None) if api == "Classify" else None)
+            logits = await self.plane.infer(model, payload, deadline)
+            with tracing.span("respond"):
+                return codec.encode_classify_response(
+                    request, model.name, model.version, logits, model.labels
+                )
 
     @grpc_errors
     async def ClassifyStream(
@@ -36,7 +46,7 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
     ) -> AsyncIterator[pb.ClassifyResponse]:
         async def handle(request: pb.ClassifyRequest) -> pb.ClassifyResponse:
             try:
-                return await self._classify(request, None)
+                return await self._classify(request, context, "ClassifyStream")
             except Exception as exc:
                 code, message = status_of(exc)
                 error = pb.Error(code=code.value[0], message=message)

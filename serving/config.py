@@ -123,7 +123,12 @@ class ServerConfig:
 
     host: str = setting("0.0.0.0", "address to listen on")
     port: int = setting(8001, "gRPC port; 0 picks a free one")
-    metrics_port: int = setting(8002, "Prometheus port; 0 picks a free one, -1 disables")
+    http_port: int = setting(
+        8000, "HTTP/REST port (the same Open Inference Protocol); 0 picks a free one, -1 disables"
+    )
+    metrics_port: int = setting(
+        8002, "Prometheus /metrics and the /healthz, /readyz probes; 0 picks a free one, -1 disables"
+    )
     repo: str = setting("", "model repository: REPO/<model>/<version>/model.onnx|model.mindir")
     model: str = setting("", "serve this one model file instead of a repository")
     model_name: str = setting("", "name for --model; empty: the file's stem (or its folder for model.onnx)")
@@ -148,13 +153,29 @@ class ServerConfig:
     tls_cert: str = setting("", "PEM certificate chain: serve TLS instead of plaintext (with tls_key)")
     tls_key: str = setting("", "PEM private key of tls_cert")
     tls_client_ca: str = setting("", "PEM CA bundle: require client certificates it signed (mutual TLS)")
+    trace_endpoint: str = setting(
+        "",
+        "OTLP/gRPC collector receiving OpenTelemetry spans per request, e.g. http://127.0.0.1:4317; "
+        "empty: tracing off (OpenTelemetry is not even imported)",
+    )
+    trace_sample_ratio: float = setting(
+        1.0,
+        "fraction of requests traced when tracing is on (a request whose W3C traceparent is sampled "
+        "always is); Triton's trace_rate N is 1/N",
+    )
     model_defaults: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
         if bool(self.repo) == bool(self.model):
             raise ConfigError("give exactly one of repo (a model repository) or model (one model file)")
-        if not 0 <= self.port <= 65535 or not -1 <= self.metrics_port <= 65535:
-            raise ConfigError(f"bad port: port={self.port} metrics_port={self.metrics_port}")
+        if not 0 <= self.port <= 65535 or not all(
+            -1 <= p <= 65535 for p in (self.http_port, self.metrics_port)
+        ):
+            raise ConfigError(
+                f"bad port: port={self.port} http_port={self.http_port} metrics_port={self.metrics_port}"
+            )
+        if not 0.0 <= self.trace_sample_ratio <= 1.0:
+            raise ConfigError(f"trace_sample_ratio must be within 0..1, got {self.trace_sample_ratio}")
         if self.max_message_mb < 1:
             raise ConfigError(f"max_message_mb must be >= 1, got {self.max_message_mb}")
         if self.log_format not in ("json", "text"):

@@ -1,11 +1,16 @@
 """One error hierarchy for the whole server.
 
 Each class names the gRPC status it stands for (as the `grpc.StatusCode` member name, so this
-module and the batcher stay free of gRPC) and builds its own message. The servicers map them to
-statuses in one place, `serving.rpc.grpc_errors`; anything else is INTERNAL.
+module and the batcher stay free of gRPC) and builds its own message. `describe` is where any
+exception becomes a (code, message) pair; gRPC maps it to a status (`serving.rpc`), HTTP to a
+status code and `{"error": ...}` body (`serving.http`). Anything unexpected is INTERNAL.
 """
 
 from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
 
 
 class ServingError(Exception):
@@ -56,16 +61,32 @@ class Unavailable(ServingError):
     code = "UNAVAILABLE"
 
 
+class Unauthenticated(ServingError):
+    """The call carries no valid credentials."""
+
+    code = "UNAUTHENTICATED"
+
+
+class Unimplemented(ServingError):
+    """The server does not offer this (a setting may enable it)."""
+
+    code = "UNIMPLEMENTED"
+
+
+class FailedPrecondition(ServingError):
+    """The request is valid, but the server's configuration does not allow it."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class InferenceFailed(ServingError):
     """The backend raised while computing a batch."""
 
     code = "INTERNAL"
 
 
-class StartError(ServingError):
+class StartError(FailedPrecondition):
     """The server cannot start as configured; `hrnet serve` prints the message and exits 2."""
-
-    code = "FAILED_PRECONDITION"
 
 
 class ListenError(StartError):
@@ -78,3 +99,11 @@ class TlsFileError(StartError):
 
 class ModelLoadError(StartError):
     """A model in the repository is missing, corrupt or misconfigured."""
+
+
+def describe(exc: BaseException) -> tuple[str, str]:
+    """The status code name and message a caller gets for `exc`; unexpected errors are logged."""
+    if isinstance(exc, ServingError):
+        return exc.code, str(exc)
+    log.error("unexpected error", exc_info=exc)
+    return "INTERNAL", f"internal error: {type(exc).__name__}: {exc}"

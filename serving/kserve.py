@@ -1,6 +1,8 @@
 """`inference.GRPCInferenceService`: the Open Inference Protocol (KServe v2) over the data plane.
 
-Thin by design: decode with `codec`, call `DataPlane`, encode.
+Thin by design: decode with `codec`, call `DataPlane`, encode. The module-level functions build
+the protocol's answers as protobuf messages; the REST API (`serving.rest`) sends the same ones
+as JSON, so the two protocols cannot drift apart.
 """
 
 from __future__ import annotations
@@ -8,17 +10,39 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
+import numpy as np
 
 from core import __version__
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc
 from protos import model_config_pb2 as mc
 from serving import codec
+from serving.codec import InferOptions
+from serving.preprocess import ACCEPTED_FORMATS
 from serving.rpc import concurrently, grpc_errors, remaining_s, status_of
-from serving.service import DataPlane, LoadedModel
+from serving.service import DataPlane, InferInput, LoadedModel
 from serving.stats import Duration
 
-EXTENSIONS = ("classification", "schedule_policy", "model_configuration", "statistics", "parameters")
+EXTENSIONS = (
+    "classification",
+    "schedule_policy",
+    "model_configuration",
+    "statistics",
+    "parameters",
+    "binary_tensor_data",
+    "trace",
+)
+# What the metadata and config say the tensors accept besides their FP32 form.
+FORMATS = ",".join(ACCEPTED_FORMATS)
+INPUT_PARAMETERS = {
+    "datatypes": "FP32,FP16,BYTES",
+    "bytes_shape": "[-1]",
+    "bytes_content": f"one encoded image per element ({FORMATS}), decoded and preprocessed on the server",
+}
+OUTPUT_PARAMETERS = {
+    "datatypes": "FP32,BYTES",
+    "bytes_content": "with the output parameter classification=k: [-1, k] 'score:index:label', best first",
+}
 
 
 class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -40,41 +64,31 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext):
-        return pb.ServerMetadataResponse(name="hrnet", version=__version__, extensions=EXTENSIONS)
+        return server_metadata()
 
     @grpc_errors
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext):
-        model = self.plane.get(request.name, request.version)
-        tensor = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
-            name=model.name,
-            versions=self.plane.versions(model.name),
-            platform=model.backend.platform,
-            inputs=[tensor(name=model.backend.input.name, datatype="FP32", shape=[-1, *model.input_shape])],
-            outputs=[tensor(name=model.backend.output.name, datatype="FP32", shape=[-1, model.num_classes])],
-        )
+        return model_metadata(self.plane, self.plane.get(request.name, request.version))
 
     @grpc_errors
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):
-        return await self._infer(request, context)
+        return await self._infer(request, context, "ModelInfer")
 
     async def _infer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext | None
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, api: str
     ) -> pb.ModelInferResponse:
         model = self.plane.get(request.model_name, request.model_version)
-        options = codec.decode_options(request, model.backend.output.name)
-        payload = codec.decode_infer_request(request, model.backend.input.name)
-        timeout_s = remaining_s(context, options.timeout_s) if context else options.timeout_s
-        deadline = self.plane.deadline(model, timeout_s)
-        logits = await self.plane.infer(model, payload, deadline, options.priority)
-        return codec.encode_infer_response(
-            request,
-            model.version,
-            model.backend.output.name,
-            logits,
-            options.classification_k,
-            model.labels,
-        )
+        tracing = self.plane.tracing
+        with tracing.request(context.invocation_metadata, model.name, model.version, api):
+            with tracing.span("receive"):
+                payload, options = receive(model, request)
+            tracing.annotate("hrnet.request_id", request.id)
+            # A stream's requests are not bound by the call's deadline: each has its own timeout.
+            timeout_s = remaining_s(context, options.timeout_s) if api == "ModelInfer" else options.timeout_s
+            deadline = self.plane.deadline(model, timeout_s)
+            logits = await self.plane.infer(model, payload, deadline, options.priority)
+            with tracing.span("respond"):
+                return respond(request, model, logits, options)
 
     @grpc_errors
     async def ModelStreamInfer(
@@ -82,7 +96,8 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         async def handle(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
-                return pb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
+                infer_response = await self._infer(request, context, "ModelStreamInfer")
+                return pb.ModelStreamInferResponse(infer_response=infer_response)
             except Exception as exc:
                 code, message = status_of(exc)
                 echo = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
@@ -99,8 +114,75 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext):
-        models = [self.plane.get(request.name, request.version)] if request.name else self.plane.models
-        return pb.ModelStatisticsResponse(model_stats=[model_statistics(m) for m in models])
+        return statistics(self.plane, request.name, request.version)
+
+    @grpc_errors
+    async def TraceSetting(self, request: pb.TraceSettingRequest, context: grpc.aio.ServicerContext):
+        changes = {key: list(value.value) for key, value in request.settings.items()}
+        settings = trace_setting(self.plane, request.model_name, changes)
+        value = pb.TraceSettingResponse.SettingValue
+        return pb.TraceSettingResponse(settings={k: value(value=v) for k, v in settings.items()})
+
+
+def receive(model: LoadedModel, request: pb.ModelInferRequest) -> tuple[InferInput, InferOptions]:
+    """A request as the data plane takes it: the payload and the options (timeout, priority, k)."""
+    options = codec.decode_options(request, model.backend.output.name)
+    return codec.decode_infer_request(request, model.backend.input.name), options
+
+
+def respond(
+    request: pb.ModelInferRequest, model: LoadedModel, logits: np.ndarray, options: InferOptions
+) -> pb.ModelInferResponse:
+    output = model.backend.output.name
+    k = options.classification_k
+    return codec.encode_infer_response(request, model.version, output, logits, k, model.labels)
+
+
+def server_metadata() -> pb.ServerMetadataResponse:
+    return pb.ServerMetadataResponse(name="hrnet", version=__version__, extensions=EXTENSIONS)
+
+
+def _strings(values: dict[str, str]) -> dict[str, pb.InferParameter]:
+    return {k: pb.InferParameter(string_param=v) for k, v in values.items()}
+
+
+def model_metadata(plane: DataPlane, model: LoadedModel) -> pb.ModelMetadataResponse:
+    """Triton's answer, plus per tensor what else it takes: the image input also accepts FP16 and
+    encoded images as BYTES; the output comes as BYTES with the classification parameter."""
+    tensor = pb.ModelMetadataResponse.TensorMetadata
+    image = tensor(
+        name=model.backend.input.name,
+        datatype="FP32",
+        shape=[-1, *model.input_shape],
+        parameters=_strings(INPUT_PARAMETERS),
+    )
+    logits = tensor(
+        name=model.backend.output.name,
+        datatype="FP32",
+        shape=[-1, model.num_classes],
+        parameters=_strings(OUTPUT_PARAMETERS),
+    )
+    return pb.ModelMetadataResponse(
+        name=model.name,
+        versions=plane.versions(model.name),
+        platform=model.backend.platform,
+        inputs=[image],
+        outputs=[logits],
+    )
+
+
+def statistics(plane: DataPlane, name: str = "", version: str = "") -> pb.ModelStatisticsResponse:
+    """One model's (a version, or the newest) or, without a name, every model's statistics."""
+    models = [plane.get(name, version)] if name else plane.models
+    return pb.ModelStatisticsResponse(model_stats=[model_statistics(m) for m in models])
+
+
+def trace_setting(plane: DataPlane, model_name: str, changes: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Triton's TraceSetting: the effective settings after `changes` (none: just read them)."""
+    name = plane.get(model_name).name if model_name else ""
+    tracing = plane.tracing
+    setting = tracing.update(changes, name) if changes else tracing.setting(name)
+    return setting.as_triton()
 
 
 def model_config(model: LoadedModel) -> mc.ModelConfig:
@@ -118,6 +200,8 @@ def model_config(model: LoadedModel) -> mc.ModelConfig:
         "labels": ",".join(meta.labels),
         "threads_per_instance": cfg.intra_op_threads(),
         "adaptive_delay": batching.adaptive_delay,
+        **{f"input_{key}": value for key, value in INPUT_PARAMETERS.items()},
+        **{f"output_{key}": value for key, value in OUTPUT_PARAMETERS.items()},
     }
     return mc.ModelConfig(
         name=model.name,

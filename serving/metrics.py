@@ -1,15 +1,27 @@
-"""Prometheus metrics, one registry per server (so tests can run several in one process).
+"""Prometheus metrics, one registry per server (so tests can run several in one process), and the
+metrics port that serves them with the probes.
 
 Names follow what Triton users watch: request counts by status, queue and compute durations,
 the batch-size distribution (proof that dynamic batching batches), queue depth and in-flight
 requests, all per model and version, and an info gauge naming each model's backend and precision.
+
+The metrics port is a small aiohttp application on the server's event loop rather than
+prometheus_client's own HTTP server: that one answers every path with the metrics text and runs
+in a thread of its own, so it could neither 404 an unknown path nor tell a wedged event loop
+from a healthy one. Here `/healthz` is answered by the loop that serves the requests, and
+`/readyz` reads the data plane's own readiness.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+
+from serving.http import json_errors
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -64,18 +76,31 @@ class ServerMetrics:
             (*LABELS, "backend", "precision"),
             registry=r,
         )
-        self._http = None
 
     def watch_queue(self, model: str, version: str, depth: Callable[[], float]) -> None:
         self.queue_depth.labels(model, version).set_function(depth)
 
-    def serve_http(self, host: str, port: int) -> int:
-        """Expose /metrics; returns the bound port (useful with port 0)."""
-        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(self._http.server_port)
+    def app(self, ready: Callable[[], bool]) -> web.Application:
+        """/metrics (Prometheus or OpenMetrics text, as the scraper asks), /healthz (the process
+        answers), /readyz (200 once every model is ready, 503 while loading or draining); every
+        other path is 404."""
 
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
+        async def metrics(request: web.Request) -> web.Response:
+            encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+            body = await asyncio.to_thread(encode, self.registry)  # off the loop serving requests
+            response = web.Response(body=body, headers={"Content-Type": content_type})
+            if "gzip" in request.headers.get("Accept-Encoding", ""):
+                response.enable_compression()
+            return response
+
+        async def healthz(request: web.Request) -> web.Response:
+            return web.Response(text="ok\n")
+
+        async def readyz(request: web.Request) -> web.Response:
+            return web.Response(text="ready\n") if ready() else web.Response(text="not ready\n", status=503)
+
+        app = web.Application(middlewares=[json_errors])
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        return app

@@ -41,7 +41,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class ServerProcess:
-    """`hrnet serve ARGS --host HOST --port PORT`, its output in `log_path` (a temporary file if None).
+    """`hrnet serve ARGS --host HOST --port PORT --http-port PORT`, its output in `log_path` (a
+    temporary file if None). Both ports are free ones, so several servers can run side by side.
 
     The child leads its own process group, so a server that spawns workers of its own is stopped
     whole, and a Ctrl-C in the terminal reaches only us: we stop it, after its grace period.
@@ -59,6 +60,7 @@ class ServerProcess:
         self.args = [str(a) for a in args]
         self.host = host
         self.port = free_port(host)
+        self.http_port = free_port(host)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self._tmp = None if log_path else tempfile.TemporaryDirectory(prefix="hrnet-serve-")
         self.log_path = log_path or Path(self._tmp.name) / "server.log"  # type: ignore[union-attr]
@@ -67,6 +69,10 @@ class ServerProcess:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def http_address(self) -> str:
+        return f"{self.host}:{self.http_port}"
 
     @property
     def command(self) -> list[str]:
@@ -80,6 +86,8 @@ class ServerProcess:
             self.host,
             "--port",
             str(self.port),
+            "--http-port",
+            str(self.http_port),
         ]
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> str:

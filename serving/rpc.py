@@ -5,24 +5,20 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
-from serving.errors import ServingError
+from serving.errors import describe
 
-log = logging.getLogger(__name__)
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    if isinstance(exc, ServingError):
-        return grpc.StatusCode[exc.code], str(exc)
-    log.error("unexpected error", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+    code, message = describe(exc)
+    return grpc.StatusCode[code], message
 
 
 def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:

@@ -1,9 +1,14 @@
-"""The server process: gRPC (KServe v2, Classifier, health, reflection) plus Prometheus over HTTP.
+"""The server: gRPC (KServe v2, Classifier, health, reflection), the same KServe v2 over HTTP/REST,
+and Prometheus with HTTP probes, all on one event loop over one data plane.
 
-Start order: bind the port and report NOT_SERVING, load every model (a missing or corrupt one
+Start order: bind the ports and report NOT_SERVING, load every model (a missing or corrupt one
 aborts the start with its path), start the batchers, then SERVING. Stop order (SIGTERM): health
 NOT_SERVING and new requests refused at once, queued and running work finishes within the grace
-period, then the gRPC server and metrics endpoint close.
+period, then the listeners close and pending traces are exported.
+
+`Server` is also the embedding API: `await server.start()` / `await server.stop()` (or
+`async with Server(config)`) on the caller's event loop, or `server.start_background()` /
+`server.stop_background()` (or `with Server(config)`) on a loop in a thread of its own.
 """
 
 from __future__ import annotations
@@ -11,20 +16,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
-from serving import auth
+from serving import auth, tracing
+from serving.background import BackgroundLoop
 from serving.classifier import ClassifierServicer
 from serving.config import ServerConfig
 from serving.errors import ListenError
+from serving.http import HttpListener
 from serving.kserve import KServeServicer
 from serving.metrics import ServerMetrics
 from serving.repository import scan_repository, single_model
+from serving.rest import RestApi
 from serving.service import DataPlane, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -35,22 +46,41 @@ SERVICES = (
 )
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+START_TIMEOUT_S = 600.0  # of start_background: loading a large model on a slow disk
+T = TypeVar("T")
 
 
 class Server:
-    def __init__(self, config: ServerConfig) -> None:
+    """One inference server. `span_exporter` (an OpenTelemetry SpanExporter) receives the traces
+    instead of an OTLP collector, e.g. the SDK's InMemorySpanExporter in a test or a notebook."""
+
+    def __init__(self, config: ServerConfig, span_exporter: Any = None) -> None:
         self.config = config
         self.metrics = ServerMetrics()
         self.plane = DataPlane(self.metrics)
         self.health = health.aio.HealthServicer()
-        self.port = 0
+        self.port = 0  # gRPC; the bound ports are known once started (0 in the config picks one)
+        self.http_port = -1  # -1: not serving it
         self.metrics_port = -1
+        self._span_exporter = span_exporter
         self._grpc: grpc.aio.Server | None = None  # made in start(): it binds to the running loop
+        self._listeners: list[HttpListener] = []
+        self._background: BackgroundLoop | None = None
+
+    @property
+    def host(self) -> str:
+        """Where a client on this machine reaches the server."""
+        return "127.0.0.1" if self.config.host in ("0.0.0.0", "", "[::]") else self.config.host
 
     @property
     def address(self) -> str:
-        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "", "[::]") else self.config.host
-        return f"{host}:{self.port}"
+        """gRPC `host:port`, for `clients.Client` and `tritonclient.grpc`."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def http_address(self) -> str:
+        """REST `host:port`, for `tritonclient.http` and curl (empty when http_port is -1)."""
+        return f"{self.host}:{self.http_port}" if self.http_port >= 0 else ""
 
     async def _set_health(self, status: int, names: list[str]) -> None:
         for name in ("", *SERVICES, *names):
@@ -88,22 +118,52 @@ class Server:
         await self._set_health(NOT_SERVING, [])
         await self._grpc.start()
         try:
-            if cfg.metrics_port >= 0:
-                self.metrics_port = self.metrics.serve_http(cfg.host, cfg.metrics_port)
+            await self._listen()
+            self.plane.tracing = tracing.create(
+                cfg.trace_endpoint, cfg.trace_sample_ratio, self._span_exporter
+            )
             models = await asyncio.to_thread(self._load_models)
             for model in models:
                 self.plane.add(model)
             await self.plane.start()
         except BaseException:
             await self._grpc.stop(None)
-            self.metrics.close()
-            self.plane.close()
+            await self._close()
             raise
         await self._set_health(SERVING, self.plane.names())
         log.info(
             "serving",
-            extra={"address": self.address, "metrics_port": self.metrics_port, "models": self.plane.names()},
+            extra={
+                "address": self.address,
+                "http_port": self.http_port,
+                "metrics_port": self.metrics_port,
+                "tracing": cfg.trace_endpoint or ("exporter" if self._span_exporter else "off"),
+                "models": self.plane.names(),
+            },
         )
+
+    async def _listen(self) -> None:
+        """The REST port (same TLS and token as gRPC) and the metrics port, when configured."""
+        cfg = self.config
+        if cfg.http_port >= 0:
+            api = RestApi(self.plane).app(cfg.max_message_bytes, auth.http_middlewares(cfg.auth_token))
+            rest = HttpListener(api, "HTTP/REST", shutdown_timeout_s=max(1.0, cfg.grace_period_s))
+            self._listeners.append(rest)
+            tls = auth.ssl_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+            self.http_port = await rest.start(cfg.host, cfg.http_port, tls)
+        if cfg.metrics_port >= 0:
+            probes = HttpListener(
+                self.metrics.app(lambda: self.plane.ready), "metrics", shutdown_timeout_s=1.0
+            )
+            self._listeners.append(probes)
+            self.metrics_port = await probes.start(cfg.host, cfg.metrics_port)
+
+    async def _close(self) -> None:
+        """Close what start() opened besides gRPC: listeners, models, tracing (exporting what is left)."""
+        await asyncio.gather(*(listener.stop() for listener in self._listeners))
+        self._listeners.clear()
+        self.plane.close()
+        await self.plane.tracing.close()
 
     def _load_models(self) -> list[LoadedModel]:
         cfg = self.config
@@ -123,7 +183,57 @@ class Server:
         drained = await self.plane.drain(grace_s)
         # Responses of drained work are still being written: give them a moment before closing.
         await self._grpc.stop(max(1.0, grace_s - (time.monotonic() - started)))
-        self.plane.close()
-        self.metrics.close()
+        await self._close()
+        self._grpc = None
         log.info("stopped", extra={"drained": drained, "seconds": round(time.monotonic() - started, 2)})
         return drained
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    # --- from synchronous code: the server on an event loop in a thread of its own -------------
+
+    def start_background(self, timeout_s: float = START_TIMEOUT_S) -> Server:
+        """Start on a loop in a daemon thread and return once serving (raising what start raised)."""
+        if self._background is not None:
+            raise RuntimeError("this server is already running in the background")
+        self._background = BackgroundLoop(f"hrnet-server-{id(self):x}")
+        try:
+            self._background.run(self.start(), timeout_s)
+        except BaseException:
+            self._background.close()
+            self._background = None
+            raise
+        return self
+
+    def stop_background(self, grace_s: float | None = None) -> bool:
+        """Drain and stop (see `stop`), then end the thread. True when all work finished in time."""
+        if self._background is None:
+            return True
+        try:
+            return self._background.run(self.stop(grace_s))
+        finally:
+            self._background.close()
+            self._background = None
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = 60.0) -> T:
+        """Run a coroutine on the background server's loop from another thread (e.g. to change
+        health: `server.call(server.health.set("", NOT_SERVING))`) and return its result."""
+        if self._background is None:
+            coro.close()
+            raise RuntimeError("the server is not running in the background (start_background)")
+        return self._background.run(coro, timeout_s)
+
+    def __enter__(self) -> Server:
+        return self.start_background()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop_background()

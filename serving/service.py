@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from serving.metrics import ServerMetrics
 from serving.preprocess import ImageError, ImagePreprocessor, PreprocessSpec
 from serving.repository import ModelSource, resolve_metadata
 from serving.stats import ModelStats
+from serving.tracing import Tracing
 
 log = logging.getLogger(__name__)
 # KServe priority levels: 1 is the highest; a request without one (0) queues after all levels.
@@ -119,15 +121,41 @@ def load_model(
     return model
 
 
+@dataclass(frozen=True)
+class ModelState:
+    """One model version as the repository index reports it (Triton's states)."""
+
+    name: str
+    version: str
+    state: str  # READY, LOADING, UNLOADING or UNAVAILABLE
+    reason: str = ""
+
+
+class ModelControl(Protocol):
+    """Loading and unloading models on request, free of any protocol: the gRPC repository RPCs and
+    the REST repository routes call the same object. Without one, the index is the data plane's
+    and load/unload answer UNIMPLEMENTED."""
+
+    def index(self, ready_only: bool = False) -> list[ModelState]: ...
+
+    async def load(self, name: str) -> None: ...
+
+    async def unload(self, name: str) -> None: ...
+
+
 class DataPlane:
     """Every model the server holds, by name and version; the newest version is the default."""
 
     def __init__(
-        self, metrics: ServerMetrics | None = None, clock: Callable[[], float] = time.monotonic
+        self,
+        metrics: ServerMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        tracing: Tracing | None = None,
     ) -> None:
         self._models: dict[str, dict[str, LoadedModel]] = {}
         self.metrics = metrics
         self.clock = clock
+        self.tracing = tracing or Tracing()
         self.accepting = False
 
     def add(self, model: LoadedModel) -> None:
@@ -169,6 +197,16 @@ class DataPlane:
     def ready(self) -> bool:
         return self.accepting and all(m.ready for m in self.models)
 
+    def index(self, ready_only: bool = False) -> list[ModelState]:
+        """Every version held, by name then version; READY, or why not."""
+        states = []
+        for name in self.names():
+            for version in self.versions(name):
+                ready = self._models[name][version].ready and self.accepting
+                reason = "" if ready else "the server is starting or shutting down"
+                states.append(ModelState(name, version, "READY" if ready else "UNAVAILABLE", reason))
+        return [s for s in states if s.state == "READY"] if ready_only else states
+
     async def start(self) -> None:
         for model in self.models:
             await model.batcher.start()
@@ -203,14 +241,15 @@ class DataPlane:
         decoded with the model's eval transform."""
 
         async def prepare() -> np.ndarray:
-            if payload.tensor is not None:
-                return self._check_tensor(model, payload.tensor)
-            if not payload.images:
-                raise InvalidArgument("no images in the request")
-            try:
-                return await model.preprocessor.preprocess_many(payload.images)
-            except ImageError as exc:
-                raise InvalidArgument(str(exc)) from None
+            with self.tracing.span("decode"):
+                if payload.tensor is not None:
+                    return self._check_tensor(model, payload.tensor)
+                if not payload.images:
+                    raise InvalidArgument("no images in the request")
+                try:
+                    return await model.preprocessor.preprocess_many(payload.images)
+                except ImageError as exc:
+                    raise InvalidArgument(str(exc)) from None
 
         return await self._run(model, prepare, deadline, priority)
 
@@ -241,7 +280,9 @@ class DataPlane:
             in_flight.inc()
         try:
             batch = await prepare()
-            return await model.batcher.submit(batch, deadline, priority or DEFAULT_PRIORITY)
+            return await model.batcher.submit(
+                batch, deadline, priority or DEFAULT_PRIORITY, self.tracing.on_run()
+            )
         except ServingError as exc:
             code = exc.code
             raise

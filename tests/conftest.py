@@ -8,13 +8,12 @@ from __future__ import annotations
 #                classes, 32 px), hrnet_ms/1/model.mindir (+ sidecar) and plain/1/model.onnx
 #                (a tiny ONNX classifier without our metadata: input "input" 3x16x16, 5 classes).
 #   digit_images (session) list[DigitImage]: 96 distinct PNGs made from sklearn's digits.
-#   grpc_server  (session) RunningServer on 127.0.0.1 (free port) serving model_repo:
-#                .address "127.0.0.1:PORT", .metrics_port, .metrics_text(), .server (serving.Server).
+#   grpc_server  (session) RunningServer on 127.0.0.1 (free ports) serving model_repo:
+#                .address "127.0.0.1:PORT" (gRPC), .http_address (REST), .metrics_port,
+#                .metrics_text(), .metric(name, **labels), .call(coro), .server (serving.Server).
 #   start_server (function) factory: start_server(repo_path, **ServerConfig/model_defaults overrides).
 # ---------------------------------------------------------------------------------------------
-import asyncio
 import io
-import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -119,21 +118,18 @@ def digit_images(tmp_path_factory: pytest.TempPathFactory) -> list[DigitImage]:
 
 
 class RunningServer:
-    """A serving.server.Server on its own event loop in a background thread."""
+    """serving.Server run in the background through its embedding API, plus reading its metrics."""
 
-    def __init__(self, config: Any) -> None:
-        from serving.server import Server
+    def __init__(self, config: Any, **options: Any) -> None:
+        from serving import Server
 
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
-        self._thread.start()
-        self.server = Server(config)
-        self.call(self.server.start(), timeout=120)
+        self.server = Server(config, **options).start_background(timeout_s=120)
         self.address = self.server.address
+        self.http_address = self.server.http_address
         self.metrics_port = self.server.metrics_port
 
     def call(self, coro: Any, timeout: float = 60) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        return self.server.call(coro, timeout)
 
     def metrics_text(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
@@ -152,14 +148,7 @@ class RunningServer:
         return total
 
     def stop(self, grace_s: float = 5.0) -> bool:
-        if self.loop.is_closed():
-            return True
-        try:
-            return self.call(self.server.stop(grace_s))
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
+        return self.server.stop_background(grace_s)
 
 
 def serving_config(repo: Path, **overrides: Any) -> Any:
@@ -172,7 +161,14 @@ def serving_config(repo: Path, **overrides: Any) -> Any:
     model = {k: overrides.pop(k) for k in list(overrides) if k in model_keys}
     defaults = ModelConfig(**model)
     defaults = replace(defaults, batching=replace(defaults.batching, **batching))
-    base = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "log_format": "text", "grace_period_s": 5.0}
+    base = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "http_port": 0,
+        "metrics_port": 0,
+        "log_format": "text",
+        "grace_period_s": 5.0,
+    }
     return ServerConfig(**{**base, "repo": str(repo), **overrides, "model_defaults": defaults})
 
 
@@ -187,8 +183,8 @@ def grpc_server(model_repo: ModelRepo) -> Iterator[RunningServer]:
 def start_server() -> Iterator[Callable[..., RunningServer]]:
     started: list[RunningServer] = []
 
-    def start(repo: Path, **overrides: Any) -> RunningServer:
-        running = RunningServer(serving_config(repo, **overrides))
+    def start(repo: Path, span_exporter: Any = None, **overrides: Any) -> RunningServer:
+        running = RunningServer(serving_config(repo, **overrides), span_exporter=span_exporter)
         started.append(running)
         return running
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
+import urllib.request
 from typing import Any
 
 import grpc
@@ -121,9 +123,27 @@ def test_mutual_tls(
 )
 def test_serve_refuses_incomplete_or_unreadable_tls_settings(onnx_repo: Any, env: dict, message: str) -> None:
     command = [sys.executable, "-m", "hrnet", "serve", "--repo", str(onnx_repo), "--host", "127.0.0.1"]
-    command += ["--port", "0", "--metrics-port", "-1", "--log-format", "text"]
+    command += ["--port", "0", "--http-port", "-1", "--metrics-port", "-1", "--log-format", "text"]
     result = subprocess.run(
         command, env={**os.environ, **env}, capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr
+
+
+def test_rest_port_uses_the_same_tls_and_mutual_tls(start_server: Any, onnx_repo: Any, certs: Any) -> None:
+    server = start_server(
+        onnx_repo, tls_cert=str(certs.server_cert), tls_key=str(certs.server_key), tls_client_ca=str(certs.ca)
+    )
+    url = f"https://{server.http_address}/v2/health/ready"
+    mutual = ssl.create_default_context(cafile=str(certs.ca))
+    mutual.load_cert_chain(str(certs.client_cert), str(certs.client_key))
+    with urllib.request.urlopen(url, context=mutual, timeout=10) as reply:
+        assert reply.status == 200
+    anonymous = ssl.create_default_context(cafile=str(certs.ca))
+    untrusting = ssl.create_default_context(cafile=str(certs.other_ca))
+    for context in (anonymous, untrusting):  # no client certificate; the server's not trusted
+        with pytest.raises(OSError):  # the handshake fails (SSLError, a reset, or URLError around it)
+            urllib.request.urlopen(url, context=context, timeout=10).read()
+    with pytest.raises(OSError):  # plaintext to the TLS port
+        urllib.request.urlopen(f"http://{server.http_address}/v2/health/ready", timeout=10).read()

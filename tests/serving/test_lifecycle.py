@@ -65,7 +65,9 @@ def test_sigterm_drains_accepted_work_then_exits_0(model_repo, digit_images, tmp
     (repo / "hrnet" / "config.yaml").write_text(
         "threads_per_instance: 1\nbatching:\n  max_batch_size: 1\n  max_queue_size: 1024\n"
     )
-    proc = _serve("--repo", str(repo), "--port", "0", "--metrics-port", "-1", "--host", "127.0.0.1")
+    proc = _serve(
+        "--repo", str(repo), "--port", "0", "--http-port", "-1", "--metrics-port", "-1", "--host", "127.0.0.1"
+    )
     lines: queue.Queue = queue.Queue()
     try:
         address = _wait_serving(proc, lines)
@@ -118,7 +120,7 @@ def _until_error(stream):
 def test_bad_model_is_a_clear_error_and_exit_2(tmp_path: Path, setup, message: str) -> None:
     path = setup(tmp_path)
     proc = subprocess.run(
-        [*HRNET, "serve", "--model", str(path), "--port", "0", "--metrics-port", "-1"],
+        [*HRNET, "serve", "--model", str(path), "--port", "0", "--http-port", "-1", "--metrics-port", "-1"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -1,4 +1,4 @@
-"""Triton's own Python client (tritonclient.grpc, unchanged) against our server."""
+"""Triton's own Python clients (tritonclient.grpc and tritonclient.http, unchanged) against our server."""
 
 from __future__ import annotations
 
@@ -14,45 +14,64 @@ from core.metadata import ModelMetadata
 from serving.preprocess import PreprocessSpec, preprocess_image
 
 PROBE = Path(__file__).with_name("triton_probe.py")
+HTTP_PROBE = Path(__file__).with_name("triton_http_probe.py")
 
 
-def test_tritonclient_grpc_works_unchanged(grpc_server, model_repo, digit_images, tmp_path) -> None:
+def _probe(script: Path, address: str, model_repo, digit_images, folder: Path) -> tuple[dict, np.ndarray]:
+    """Run a probe in a child process on three digits; what it saw, and onnxruntime's logits."""
     session = ort.InferenceSession(str(model_repo.onnx), providers=["CPUExecutionProvider"])
     spec = PreprocessSpec.from_metadata(
         ModelMetadata.from_json(session.get_modelmeta().custom_metadata_map["hrnet_metadata"])
     )
     batch = np.stack([preprocess_image(d.png, spec) for d in digit_images[40:43]])
-    np.save(tmp_path / "batch.npy", batch)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(PROBE),
-            grpc_server.address,
-            str(tmp_path / "batch.npy"),
-            str(digit_images[40].path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    np.save(folder / "batch.npy", batch)
+    command = [sys.executable, str(script), address, str(folder / "batch.npy"), str(digit_images[40].path)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    seen = json.loads(proc.stdout)
+    return json.loads(proc.stdout), session.run(None, {"image": batch})[0]
+
+
+def _check_ranked(ranked: list[list[str]], expected: np.ndarray) -> None:
+    for row, items in enumerate(ranked):
+        best = np.argsort(-expected[row])[:2]
+        assert [int(item.split(":")[1]) for item in items] == best.tolist()
+        assert items[0].split(":")[2] == f"digit-{best[0]}"
+
+
+def test_tritonclient_grpc_works_unchanged(grpc_server, model_repo, digit_images, tmp_path) -> None:
+    seen, expected = _probe(PROBE, grpc_server.address, model_repo, digit_images, tmp_path)
     assert seen["live"] and seen["ready"] and seen["model_ready"]
     assert "classification" in seen["server_metadata"]["extensions"]
     assert seen["model_metadata"]["inputs"] == [
         {"name": "image", "datatype": "FP32", "shape": ["-1", "3", "32", "32"]}
     ]
     assert seen["model_config"]["config"]["max_batch_size"] == 16
-    expected = session.run(None, {"image": batch})[0]
     np.testing.assert_allclose(np.array(seen["logits"]), expected, rtol=1e-4, atol=1e-5)
     assert seen["id"] == "t1"
-    for row, ranked in enumerate(seen["classification"]):
-        best = np.argsort(-expected[row])[:2]
-        assert [int(item.split(":")[1]) for item in ranked] == best.tolist()
-        assert ranked[0].split(":")[2] == f"digit-{best[0]}"
+    _check_ranked(seen["classification"], expected)
     np.testing.assert_allclose(np.array(seen["bytes_logits"])[0], expected[0], rtol=1e-4, atol=1e-5)
     assert sorted(seen["stream"]) == ["s0", "s1", "s2"]
     for i in range(3):
         np.testing.assert_allclose(np.array(seen["stream"][f"s{i}"]), expected[i], rtol=1e-4, atol=1e-5)
     assert int(seen["statistics"]["model_stats"][0]["inference_count"]) >= 10
     assert seen["missing"] == "StatusCode.NOT_FOUND"
+
+
+def test_tritonclient_http_works_unchanged(grpc_server, model_repo, digit_images, tmp_path) -> None:
+    seen, expected = _probe(HTTP_PROBE, grpc_server.http_address, model_repo, digit_images, tmp_path)
+    assert seen["live"] and seen["ready"] and seen["model_ready"]
+    assert "binary_tensor_data" in seen["server_metadata"]["extensions"]
+    image = seen["model_metadata"]["inputs"][0]
+    assert (image["name"], image["datatype"], image["shape"]) == ("image", "FP32", [-1, 3, 32, 32])
+    assert image["parameters"]["datatypes"] == "FP32,FP16,BYTES"
+    assert seen["model_config"]["max_batch_size"] == 16
+    for key in ("logits", "json_logits", "aio_logits"):  # binary, JSON, and the asyncio client
+        np.testing.assert_allclose(np.array(seen[key]), expected, rtol=1e-4, atol=1e-5)
+    assert seen["id"] == "h1"
+    _check_ranked(seen["classification"], expected)
+    np.testing.assert_allclose(np.array(seen["bytes_logits"])[0], expected[0], rtol=1e-4, atol=1e-5)
+    assert seen["statistics"]["model_stats"][0]["inference_count"] >= 10
+    assert {"name": "hrnet", "version": "1", "state": "READY", "reason": ""} in seen["index"]
+    assert seen["trace"]["trace_level"] == ["OFF"]
+    assert seen["trace_updated"]["trace_rate"] == "10"
+    assert seen["missing"][0] == "404" and "'missing' is not served here" in seen["missing"][1]
