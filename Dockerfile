@@ -10,8 +10,9 @@
 #
 # Each serving target ends with the same lines (tests/test_dockerfile.py holds them equal): a
 # virtual environment copied from its build stage (no compilers, no source in the image), a
-# non-root user, the model repository as a volume at /models, gRPC on 8001 and Prometheus on
-# 8002, every setting through HRNET_* variables (serving/config.py) and a HEALTHCHECK that asks
+# non-root user, the model repository as a volume at /models, gRPC on 8001, REST on 8000 and
+# Prometheus (with /healthz, /readyz) on 8002, every setting through HRNET_* variables
+# (serving/config.py) and a HEALTHCHECK that asks
 # the gRPC health service through `hrnet health`, which follows HRNET_PORT.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -43,10 +44,11 @@ ENV PATH=/opt/hrnet/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HRNET_REPO=/models \
     HRNET_PORT=8001 \
+    HRNET_HTTP_PORT=8000 \
     HRNET_METRICS_PORT=8002 \
     HRNET_LOG_FORMAT=json
 VOLUME ["/models"]
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 USER 10001:10001
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["hrnet", "health", "--timeout", "4"]
@@ -76,11 +78,12 @@ ENV PATH=/opt/hrnet/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HRNET_REPO=/models \
     HRNET_PORT=8001 \
+    HRNET_HTTP_PORT=8000 \
     HRNET_METRICS_PORT=8002 \
     HRNET_LOG_FORMAT=json \
     HRNET_DEVICE=gpu
 VOLUME ["/models"]
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 USER 10001:10001
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["hrnet", "health", "--timeout", "4"]
@@ -105,11 +108,12 @@ ENV PATH=/opt/hrnet/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HRNET_REPO=/models \
     HRNET_PORT=8001 \
+    HRNET_HTTP_PORT=8000 \
     HRNET_METRICS_PORT=8002 \
     HRNET_LOG_FORMAT=json \
     HRNET_DEVICE=ascend
 VOLUME ["/models"]
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 USER 10001:10001
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["hrnet", "health", "--timeout", "4"]

@@ -73,7 +73,7 @@ def test_environment_names_are_settings_the_server_reads(
         hrnet = {k: v for k, v in env.items() if k.startswith("HRNET_")}
         assert set(hrnet) <= known, f"{name}: {set(hrnet) - known} are not settings"
         config = load_server_config(env=hrnet)  # every value is valid, too
-        assert sorted(dockerfile[name].expose) == sorted([config.port, config.metrics_port])
+        assert sorted(dockerfile[name].expose) == sorted([config.port, config.http_port, config.metrics_port])
 
 
 def test_healthcheck_timeout_fits_inside_dockers(dockerfile: dict[str, Stage]) -> None:
@@ -90,7 +90,7 @@ def one_model_repo(model_repo: Any, tmp_path_factory: pytest.TempPathFactory) ->
     return root
 
 
-def _container_env(stage: Stage, repo: Path, port: int, metrics_port: int) -> dict[str, str]:
+def _container_env(stage: Stage, repo: Path, port: int, http_port: int, metrics_port: int) -> dict[str, str]:
     """The stage's ENV over this process's, with only addresses and paths changed.
 
     This process's own HRNET_* variables (HRNET_SLOW_TESTS...) are left out, as in a container.
@@ -102,6 +102,7 @@ def _container_env(stage: Stage, repo: Path, port: int, metrics_port: int) -> di
         HRNET_HOST="127.0.0.1",
         HRNET_REPO=str(repo),
         HRNET_PORT=str(port),
+        HRNET_HTTP_PORT=str(http_port),
         HRNET_METRICS_PORT=str(metrics_port),
         PYTHONPATH=str(REPO),
     )
@@ -116,8 +117,8 @@ def test_entrypoint_and_healthcheck_run_as_written(
     dockerfile: dict[str, Stage], one_model_repo: Path
 ) -> None:
     stage = dockerfile["cpu"]
-    port, metrics_port = free_port(), free_port()
-    env = _container_env(stage, one_model_repo, port, metrics_port)
+    port, http_port, metrics_port = free_port(), free_port(), free_port()
+    env = _container_env(stage, one_model_repo, port, http_port, metrics_port)
     assert _health(stage, env).returncode == 1  # nothing listens yet: unhealthy, not an error
     server = subprocess.Popen(
         stage.entrypoint + stage.cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -121,7 +121,11 @@ def test_deployment_matches_the_image_and_the_server(dockerfile: Any, setting_en
     gpu = dockerfile["gpu"]
     # The image and its ports, user, volume and device.
     assert container["image"].endswith(":gpu")
-    assert _ports(container) == {"grpc": config.port, "metrics": config.metrics_port}
+    assert _ports(container) == {
+        "grpc": config.port,
+        "http": config.http_port,
+        "metrics": config.metrics_port,
+    }
     assert sorted(_ports(container).values()) == sorted(gpu.expose)
     assert _grpc_probe_ports(container) == {config.port}
     assert pod["spec"]["securityContext"]["runAsUser"] == int(gpu.user.split(":")[0])
