@@ -1,12 +1,16 @@
 """Every shell command in README.md is either run here, by this test, or listed with why not.
 
 The commands are read from the README's ```bash blocks (continuation lines joined, comments
-dropped). Each must match exactly one entry of HERE or ELSEWHERE, and every entry must match
-some command, so the lists cannot go stale in either direction:
+dropped). Each must match exactly one entry of HERE, WITH_SERVER or ELSEWHERE, and every entry
+must match some command, so the lists cannot go stale in either direction:
 
 - HERE: run in README order in one temporary folder (so `hrnet data` feeds `hrnet train` feeds
   `hrnet eval`), each must exit 0. Training is shortened only through documented flags
   appended to the command; bracketed optional parts of a synopsis are left out.
+- WITH_SERVER: the curl examples, run by bash as written, in README order in one folder holding
+  `digit.png`, against a real server serving the test model as `digits` on free ports (the
+  README's `localhost:8000/8001/8002` replaced by its addresses); each must exit 0 and print
+  what its entry expects.
 - ELSEWHERE: cannot run here (Docker, kubectl, accelerators, ImageNet or downloaded weights,
   servers on fixed ports, `make` itself), each with the reason and the test that covers it
   instead; the named test must exist.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -39,6 +44,13 @@ class Here:
 
 
 @dataclass(frozen=True)
+class WithServer:
+    """Run against a real server; `expect` must be in what it prints."""
+
+    expect: str
+
+
+@dataclass(frozen=True)
 class Elsewhere:
     reason: str
     covered_by: str | None  # "tests/path.py::test_name", or None when nothing can stand in
@@ -51,6 +63,16 @@ HERE: dict[str, Here] = {
         Here()
     ),
     r"hrnet info --arch w48 .*": Here(),
+}
+
+WITH_SERVER: dict[str, WithServer] = {
+    r"curl -s localhost:8000/v2/health/ready -o /dev/null -w .*": WithServer("200"),
+    r"curl -s localhost:8000/v2/models/digits": WithServer('"datatypes": "FP32,FP16,BYTES"'),
+    r"echo .* > request\.json": WithServer(""),
+    r"curl -s localhost:8000/v2/models/digits/infer -d @request\.json": WithServer('"shape":[1,3]'),
+    r"curl -s localhost:8000/v2/models/digits/stats": WithServer('"inference_count": 1,'),
+    r"curl -s localhost:8002/readyz": WithServer("ready"),
+    r"curl -s localhost:8000/v2/trace/setting -d .*": WithServer('"trace_rate": "100"'),
 }
 
 ELSEWHERE: dict[str, Elsewhere] = {
@@ -119,22 +141,30 @@ ELSEWHERE: dict[str, Elsewhere] = {
 }
 
 
-def readme_commands() -> list[str]:
+def readme_lines() -> list[tuple[str, str]]:
+    """(command, line): the command normalised (quotes resolved, comment dropped) for matching,
+    and the line as written (continuations joined) for bash."""
     text = README.read_text(encoding="utf-8")
     commands = []
     for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, re.S):
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
             words = shlex.split(line, comments=True)
             if words:
-                commands.append(" ".join(words))
+                commands.append((" ".join(words), line))
     return commands
 
 
-def _verdict(command: str) -> tuple[str, Here | Elsewhere]:
-    found = [(p, v) for table in (HERE, ELSEWHERE) for p, v in table.items() if re.fullmatch(p, command)]
+def readme_commands() -> list[str]:
+    return [command for command, _ in readme_lines()]
+
+
+def _verdict(command: str) -> tuple[str, Here | WithServer | Elsewhere]:
+    tables = (HERE, WITH_SERVER, ELSEWHERE)
+    found = [(p, v) for table in tables for p, v in table.items() if re.fullmatch(p, command)]
     assert len(found) == 1, (
         f"README command {command!r} matches {len(found)} entries of tests/test_readme.py: "
-        "add it to HERE (run here) or ELSEWHERE (why not, and which test covers it)"
+        "add it to HERE (run here), WITH_SERVER (run against a server) or ELSEWHERE (why not, and "
+        "which test covers it)"
     )
     return found[0]
 
@@ -145,7 +175,7 @@ COMMANDS = readme_commands()
 def test_every_command_is_run_here_or_accounted_for() -> None:
     assert len(COMMANDS) > 20
     used = {_verdict(c)[0] for c in COMMANDS}
-    stale = set(HERE) | set(ELSEWHERE)
+    stale = set(HERE) | set(WITH_SERVER) | set(ELSEWHERE)
     assert not stale - used, f"entries matching no README command: {sorted(stale - used)}"
     for verdict in ELSEWHERE.values():
         if verdict.covered_by:
@@ -211,3 +241,32 @@ def test_runnable_commands_run(tmp_path: Path) -> None:
 @pytest.mark.parametrize("command", ["hrnet info --arch w48 [--num-classes 1000] [--input-size 224]"])
 def test_synopsis_options_are_dropped(command: str) -> None:
     assert _argv("", command, Here()) == ["hrnet", "info", "--arch", "w48"]
+
+
+def test_curl_commands_run_against_a_server(start_server, model_repo, digit_images, tmp_path: Path) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed here")
+    repo = tmp_path / "repo"
+    (repo / "digits" / "1").mkdir(parents=True)
+    shutil.copy(model_repo.onnx, repo / "digits" / "1" / "model.onnx")
+    running = start_server(repo)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "digit.png").write_bytes(digit_images[3].png)
+    addresses = {
+        "localhost:8000": running.http_address,
+        "localhost:8001": running.address,
+        "localhost:8002": f"127.0.0.1:{running.metrics_port}",
+    }
+    ran = set()
+    for command, line in readme_lines():
+        pattern, verdict = _verdict(command)
+        if not isinstance(verdict, WithServer):
+            continue
+        for readme, real in addresses.items():
+            line = line.replace(readme, real)
+        result = subprocess.run(["bash", "-c", line], cwd=work, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, f"{line} exited {result.returncode}: {result.stderr[-2000:]}"
+        assert verdict.expect in result.stdout, f"{line} printed {result.stdout[-2000:]!r}"
+        ran.add(pattern)
+    assert ran == set(WITH_SERVER)
