@@ -35,7 +35,7 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("training.evaluate", "train", "evaluate a checkpoint on an ImageFolder val set"),
     "export": Command("training.export", "train", "export a checkpoint to MINDIR / ONNX / AIR"),
     "convert": Command("training.convert", "train", "convert official PyTorch/timm HRNet weights"),
-    "serve": Command("serving.cli", "serve", "run the gRPC inference server"),
+    "serve": Command("serving.cli", "serve", "run the inference server (gRPC and HTTP/REST)"),
     "classify": Command("clients.cli", "", "classify images through a running server"),
     "health": Command("clients.health", "", "exit 0 if a server's gRPC health service says SERVING"),
     "bench": Command(

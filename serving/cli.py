@@ -1,7 +1,7 @@
 """`hrnet serve`: run the inference server until SIGTERM or Ctrl-C, then drain and exit 0.
 
     hrnet serve --model model.onnx                 # one model, named after the file
-    hrnet serve --repo models/ --port 8001 --metrics-port 8002
+    hrnet serve --repo models/ --port 8001 --http-port 8000 --metrics-port 8002
     hrnet serve --config server.yaml               # any ServerConfig field; flags and HRNET_* win
 
 Every flag has an `HRNET_<NAME>` environment variable (`--max-batch-size` is `HRNET_MAX_BATCH_SIZE`),
