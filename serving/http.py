@@ -61,7 +61,6 @@ class HttpListener:
             app, access_log=None, handler_cancellation=True, shutdown_timeout=shutdown_timeout_s
         )
         self._what = what
-        self.port = -1
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
         """Listen; the bound port (useful with 0). ListenError when it cannot be bound."""
@@ -69,14 +68,12 @@ class HttpListener:
         site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, reuse_port=False)
         try:
             await site.start()
-        except OSError as exc:
-            await self._runner.cleanup()
+        except OSError as exc:  # the owner still calls stop(), which releases what setup() made
             raise ListenError(
                 f"cannot listen on {host}:{port} for {self._what} ({exc.strerror or exc}); "
                 "is another server running?"
             ) from None
-        self.port = int(self._runner.addresses[0][1])
-        return self.port
+        return int(self._runner.addresses[0][1])
 
     async def stop(self) -> None:
         """Stop listening; requests being answered get `shutdown_timeout_s` to finish."""
