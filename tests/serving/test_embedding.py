@@ -4,7 +4,6 @@ README shows it (the shared fixtures in tests/conftest.py run every server test 
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import threading
 import urllib.request
@@ -17,14 +16,6 @@ from serving import Server, ServerConfig
 from serving.errors import ModelLoadError
 
 
-@pytest.fixture(scope="module")
-def plain_repo(model_repo, tmp_path_factory):
-    root = tmp_path_factory.mktemp("plain_repo")
-    (root / "plain" / "1").mkdir(parents=True)
-    shutil.copy(model_repo.plain, root / "plain" / "1" / "model.onnx")
-    return root
-
-
 def config(repo, **overrides) -> ServerConfig:
     return ServerConfig(repo=str(repo), host="127.0.0.1", port=0, http_port=0, metrics_port=0, **overrides)
 
@@ -35,13 +26,14 @@ def refused(address: str) -> bool:
         return sock.connect_ex((host, int(port))) != 0
 
 
-def server_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("hrnet-server")]
+def has_thread(server: Server) -> bool:
+    """Whether the server's background event loop thread is alive."""
+    return any(t.name == f"hrnet-server-{id(server):x}" for t in threading.enumerate())
 
 
 def test_with_statement_runs_the_server_in_a_thread(plain_repo, digit_images) -> None:
     with Server(config(plain_repo)) as server:
-        assert server_threads()
+        assert has_thread(server)
         with Client(server.address) as client:
             assert client.classify(digit_images[0].png).model_name == "plain"
         with urllib.request.urlopen(f"http://{server.http_address}/v2/models/plain", timeout=10) as reply:
@@ -50,12 +42,12 @@ def test_with_statement_runs_the_server_in_a_thread(plain_repo, digit_images) ->
             server.plane.get("plain").batcher.submit(np.zeros((1, 3, 16, 16), "f4"))
         ).shape == (1, 5)
         addresses = [server.address, server.http_address, f"127.0.0.1:{server.metrics_port}"]
-    assert all(refused(a) for a in addresses) and not server_threads()
+    assert all(refused(a) for a in addresses) and not has_thread(server)
 
 
 async def test_async_with_runs_on_the_callers_loop(plain_repo, digit_images) -> None:
     async with Server(config(plain_repo)) as server:
-        assert not server_threads()
+        assert not has_thread(server)
         async with AsyncClient(server.address) as client:
             assert (await client.classify(digit_images[1].png)).model_name == "plain"
         address = server.address
@@ -81,4 +73,4 @@ def test_a_failed_start_raises_and_leaves_nothing_running(tmp_path) -> None:
     server = Server(config(tmp_path))
     with pytest.raises(ModelLoadError, match=r"model\.onnx"):
         server.start_background()
-    assert not server_threads() and refused(server.address)
+    assert not has_thread(server) and refused(server.address)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import socket
 import struct
 import threading
@@ -55,15 +54,6 @@ def binary_outputs(headers, body: bytes) -> tuple[dict, bytes]:
 
 def length_prefixed(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(item)) + item for item in items)
-
-
-@pytest.fixture(scope="module")
-def plain_repo(model_repo, tmp_path_factory):
-    """Only the small foreign ONNX classifier: servers of their own start in well under a second."""
-    root = tmp_path_factory.mktemp("plain_repo")
-    (root / "plain" / "1").mkdir(parents=True)
-    shutil.copy(model_repo.plain, root / "plain" / "1" / "model.onnx")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ running in this process, and no trace of OpenTelemetry when tracing is off."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -28,14 +27,6 @@ PER_REQUEST = {"receive", "decode", "queue", "batch", "respond"}  # children of 
 
 def traceparent(trace_id: int, span_id: int, sampled: bool = True) -> str:
     return f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
-
-
-@pytest.fixture(scope="module")
-def plain_repo(model_repo, tmp_path_factory):
-    root = tmp_path_factory.mktemp("plain_repo")
-    (root / "plain" / "1").mkdir(parents=True)
-    shutil.copy(model_repo.plain, root / "plain" / "1" / "model.onnx")
-    return root
 
 
 def tensor_request(request_id: str = "") -> pb.ModelInferRequest:
