@@ -20,7 +20,8 @@ Errors answer `{"error": "..."}` with the status `serving.http` maps their code 
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -28,12 +29,27 @@ from serving import kserve
 from serving.errors import InvalidArgument, Unimplemented
 from serving.http import json_errors
 from serving.rest_codec import HEADER_LENGTH, decode_infer, encode_infer, to_json
-from serving.service import DataPlane, LoadedModel, ModelControl
+from serving.service import DataPlane, LoadedModel
 
 NOT_READY = 400  # KServe: "a 4xx status code indicates false"; Triton answers 400
 
 
+class ModelControl(Protocol):
+    """What the repository routes call: the same protocol-free operations the gRPC repository RPCs
+    call (`serving.control.ModelControl`, from the model-control work). Index rows have `name`,
+    `version`, `state` (READY, LOADING, UNLOADING, UNAVAILABLE) and `reason`."""
+
+    async def index(self, ready_only: bool = False) -> Sequence[Any]: ...
+
+    async def load(self, name: str) -> None: ...
+
+    async def unload(self, name: str) -> None: ...
+
+
 class RestApi:
+    """Without a `control`, the index lists the versions the data plane serves and load/unload
+    answer 501."""
+
     def __init__(self, plane: DataPlane, control: ModelControl | None = None) -> None:
         self.plane = plane
         self.control = control
@@ -141,9 +157,17 @@ class RestApi:
         ready_only = (await self._body(request)).get("ready", False)
         if not isinstance(ready_only, bool):
             raise InvalidArgument(f"'ready' must be a boolean, got {ready_only!r}")
-        states = (self.control or self.plane).index(ready_only)
+        if self.control is not None:
+            rows = [(e.name, e.version, e.state, e.reason) for e in await self.control.index(ready_only)]
+        else:
+            ready = self.plane.accepting
+            rows = [
+                (m.name, m.version, "READY" if m.ready and ready else "UNAVAILABLE", "")
+                for m in self.plane.models
+            ]
+            rows = [row for row in rows if row[2] == "READY"] if ready_only else rows
         return web.json_response(
-            [{"name": s.name, "version": s.version, "state": s.state, "reason": s.reason} for s in states]
+            [dict(zip(("name", "version", "state", "reason"), row, strict=True)) for row in rows]
         )
 
     def _control(self) -> ModelControl:

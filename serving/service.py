@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
@@ -121,28 +120,6 @@ def load_model(
     return model
 
 
-@dataclass(frozen=True)
-class ModelState:
-    """One model version as the repository index reports it (Triton's states)."""
-
-    name: str
-    version: str
-    state: str  # READY, LOADING, UNLOADING or UNAVAILABLE
-    reason: str = ""
-
-
-class ModelControl(Protocol):
-    """Loading and unloading models on request, free of any protocol: the gRPC repository RPCs and
-    the REST repository routes call the same object. Without one, the index is the data plane's
-    and load/unload answer UNIMPLEMENTED."""
-
-    def index(self, ready_only: bool = False) -> list[ModelState]: ...
-
-    async def load(self, name: str) -> None: ...
-
-    async def unload(self, name: str) -> None: ...
-
-
 class DataPlane:
     """Every model the server holds, by name and version; the newest version is the default."""
 
@@ -196,16 +173,6 @@ class DataPlane:
     @property
     def ready(self) -> bool:
         return self.accepting and all(m.ready for m in self.models)
-
-    def index(self, ready_only: bool = False) -> list[ModelState]:
-        """Every version held, by name then version; READY, or why not."""
-        states = []
-        for name in self.names():
-            for version in self.versions(name):
-                ready = self._models[name][version].ready and self.accepting
-                reason = "" if ready else "the server is starting or shutting down"
-                states.append(ModelState(name, version, "READY" if ready else "UNAVAILABLE", reason))
-        return [s for s in states if s.state == "READY"] if ready_only else states
 
     async def start(self) -> None:
         for model in self.models:
