@@ -179,7 +179,22 @@ class Batcher:
         finally:
             for task in tasks:
                 self._abandon(task)
+            await self._until_released(tasks)
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+    @staticmethod
+    async def _until_released(tasks: list[_Task]) -> None:
+        """Wait out the batches still reading these tasks' items (their caller was cancelled).
+
+        So `submit` never returns while a batch reads `items`: callers may reuse the memory at
+        once (a front end's shared-memory slot), cancelled or not.
+        """
+        running = [t.future for t in tasks if t.state is _State.RUNNING and not t.future.done()]
+        if running:
+            await asyncio.wait(running)
+            for future in running:
+                if not future.cancelled():
+                    future.exception()  # seen: the caller is gone, nobody else will look
 
     def _enqueue(
         self,
@@ -199,14 +214,16 @@ class Batcher:
         return task
 
     async def _wait(self, task: _Task) -> np.ndarray:
+        # Shielded: a cancelled caller must not cancel a running task's future, which resolves
+        # only when its batch is done with the items (see _until_released).
         if task.deadline is None:
-            return await task.future
+            return await asyncio.shield(task.future)
         remaining = task.deadline - self._clock()
         try:
             return await asyncio.wait_for(asyncio.shield(task.future), timeout=max(remaining, 0.0))
         except TimeoutError:
             if task.state is _State.RUNNING:  # the deadline bounds queueing; computing work finishes
-                return await task.future
+                return await asyncio.shield(task.future)
             self._drop(task, "expired", DeadlineExceeded(self._clock() - task.enqueued))
             return await task.future
 

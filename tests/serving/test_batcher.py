@@ -147,6 +147,23 @@ async def test_expired_and_cancelled_requests_are_never_computed() -> None:
     await b.close()
 
 
+async def test_a_cancelled_caller_returns_only_once_its_batch_is_done_with_the_items() -> None:
+    """Front ends reuse a request's shared-memory slot when submit returns: never while it is read."""
+    runner = Doubler()
+    runner.gate.clear()
+    b = await _started([runner], max_batch_size=8, max_queue_delay_us=0)
+    running = asyncio.create_task(b.submit(items(3)))
+    await _wait_entered(runner)
+    running.cancel()
+    await asyncio.sleep(0.05)
+    assert not running.done()  # its batch still holds the items
+    runner.gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert [batch.ravel().tolist() for batch in runner.batches] == [[3.0]]
+    await b.close()
+
+
 async def test_lone_request_waits_at_most_the_queue_delay() -> None:
     runner = Doubler()
     b = Batcher([runner], BatchingConfig(max_batch_size=8, max_queue_delay_us=20_000))
