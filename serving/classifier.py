@@ -10,11 +10,13 @@ from protos import classifier_pb2 as pb
 from protos import classifier_pb2_grpc
 from serving import codec
 from serving.rpc import concurrently, grpc_errors, remaining_s, status_of
-from serving.service import DataPlane
+from serving.service import InferencePlane
 
 
 class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
-    def __init__(self, plane: DataPlane) -> None:
+    """Inference RPCs only: runs wherever requests are parsed, front-end processes included."""
+
+    def __init__(self, plane: InferencePlane) -> None:
         self.plane = plane
 
     @grpc_errors

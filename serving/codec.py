@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,8 +14,13 @@ import numpy as np
 from protos import DEFAULT_TOP_K, classifier_pb2, grpc_service_pb2
 from serving.errors import InvalidArgument
 from serving.service import InferInput
+from serving.shm import SharedMemoryRegistry, ShmRef
 
-DATATYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
+# UINT8 is pixels, normalized on the server (serving.service explains the layouts).
+DATATYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "UINT8": np.dtype("u1")}
+SHM_REGION = "shared_memory_region"
+SHM_OFFSET = "shared_memory_offset"
+SHM_BYTE_SIZE = "shared_memory_byte_size"
 
 
 @dataclass(frozen=True)
@@ -22,6 +28,7 @@ class InferOptions:
     timeout_s: float | None  # `timeout` parameter, seconds in the queue
     priority: int  # 0: default; 1 is the highest level
     classification_k: int  # 0: return the logits tensor
+    output_region: ShmRef | None = None  # write the logits there instead of into the response
 
 
 def _shape(dims: list[int], what: str) -> tuple[int, ...]:
@@ -30,7 +37,11 @@ def _shape(dims: list[int], what: str) -> tuple[int, ...]:
     return tuple(int(d) for d in dims)
 
 
-def split_bytes_elements(raw: bytes, what: str) -> list[bytes]:
+# Typed contents accepted per datatype: the field, and the value range (None: any float).
+TYPED_CONTENTS = {"FP32": ("fp32_contents", None, None), "UINT8": ("uint_contents", 0, 255)}
+
+
+def split_bytes_elements(raw: bytes | np.ndarray, what: str) -> list[bytes]:
     """BYTES raw contents: each element prefixed by its 4-byte little-endian length."""
     out, pos = [], 0
     while pos < len(raw):
@@ -42,7 +53,7 @@ def split_bytes_elements(raw: bytes, what: str) -> list[bytes]:
             raise InvalidArgument(
                 f"{what}: BYTES element of {size} bytes at byte {pos} overruns {len(raw)} bytes"
             )
-        out.append(raw[pos : pos + size])
+        out.append(bytes(raw[pos : pos + size]))
         pos += size
     return out
 
@@ -51,7 +62,32 @@ def join_bytes_elements(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(item)) + item for item in items)
 
 
-def decode_infer_request(request: grpc_service_pb2.ModelInferRequest, input_name: str) -> InferInput:
+def shm_ref(parameters: Mapping[str, grpc_service_pb2.InferParameter], what: str) -> ShmRef | None:
+    """The tensor's shared-memory reference, when its parameters name a region."""
+    if SHM_REGION not in parameters:
+        extra = [key for key in (SHM_OFFSET, SHM_BYTE_SIZE) if key in parameters]
+        if extra:
+            raise InvalidArgument(f"{what}: {extra[0]} given without {SHM_REGION}")
+        return None
+    region = parameters[SHM_REGION]
+    if region.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidArgument(f"{what}: parameter {SHM_REGION!r} must be a string")
+    if SHM_BYTE_SIZE not in parameters:
+        raise InvalidArgument(f"{what}: {SHM_REGION} needs {SHM_BYTE_SIZE}")
+    byte_size = _int_param(parameters[SHM_BYTE_SIZE], SHM_BYTE_SIZE)
+    offset = _int_param(parameters[SHM_OFFSET], SHM_OFFSET) if SHM_OFFSET in parameters else 0
+    if byte_size < 0 or offset < 0:
+        raise InvalidArgument(f"{what}: {SHM_OFFSET} {offset} and {SHM_BYTE_SIZE} {byte_size} must be >= 0")
+    return ShmRef(region.string_param, offset, byte_size)
+
+
+def decode_infer_request(
+    request: grpc_service_pb2.ModelInferRequest,
+    input_name: str,
+    regions: SharedMemoryRegistry | None = None,
+) -> InferInput:
+    """The request's one input; its data comes from `raw_input_contents`, typed contents or a
+    registered shared-memory region (`regions`)."""
     if len(request.inputs) != 1:
         names = [i.name for i in request.inputs]
         raise InvalidArgument(f"expected exactly one input {input_name!r}, got {len(names)}: {names}")
@@ -66,6 +102,24 @@ def decode_infer_request(request: grpc_service_pb2.ModelInferRequest, input_name
         raise InvalidArgument(f"{what}: both raw_input_contents and typed contents given; use one")
     shape = _shape(list(tensor.shape), what)
     count = math.prod(shape)
+    dtype = DATATYPES.get(tensor.datatype)
+    if dtype is None and tensor.datatype != "BYTES":
+        raise InvalidArgument(
+            f"{what}: datatype {tensor.datatype!r} not supported; use FP32, FP16, UINT8 or BYTES"
+        )
+    source = "raw content"
+    ref = shm_ref(tensor.parameters, what)
+    if ref is not None:
+        if raw or tensor.HasField("contents"):
+            raise InvalidArgument(f"{what}: data given both in shared memory and in the request; use one")
+        if regions is None:
+            raise InvalidArgument(f"{what}: shared memory is not available on this endpoint")
+        if dtype is not None and ref.byte_size != count * dtype.itemsize:
+            raise InvalidArgument(
+                f"{what}: {SHM_BYTE_SIZE} is {ref.byte_size} but shape {list(shape)} of "
+                f"{tensor.datatype} needs {count * dtype.itemsize}"
+            )
+        raw, source = [regions.read(ref, what)], "shared memory"
     if tensor.datatype == "BYTES":
         images = split_bytes_elements(raw[0], what) if raw else list(tensor.contents.bytes_contents)
         if len(images) != count:
@@ -73,26 +127,26 @@ def decode_infer_request(request: grpc_service_pb2.ModelInferRequest, input_name
                 f"{what}: shape {list(shape)} holds {count} BYTES elements, got {len(images)}"
             )
         return InferInput(images=images)
-    dtype = DATATYPES.get(tensor.datatype)
-    if dtype is None:
-        raise InvalidArgument(f"{what}: datatype {tensor.datatype!r} not supported; use FP32, FP16 or BYTES")
+    assert dtype is not None
     if raw:
         needed = count * dtype.itemsize
         if len(raw[0]) != needed:
             raise InvalidArgument(
-                f"{what}: raw content is {len(raw[0])} bytes but shape {list(shape)} of {tensor.datatype} "
+                f"{what}: {source} is {len(raw[0])} bytes but shape {list(shape)} of {tensor.datatype} "
                 f"needs {needed}"
             )
         array = np.frombuffer(raw[0], dtype=dtype).reshape(shape)
-    elif tensor.datatype == "FP32":
-        values = tensor.contents.fp32_contents
+    elif tensor.datatype in TYPED_CONTENTS:
+        field, low, high = TYPED_CONTENTS[tensor.datatype]
+        values = getattr(tensor.contents, field)
         if len(values) != count:
-            raise InvalidArgument(
-                f"{what}: shape {list(shape)} needs {count} fp32_contents, got {len(values)}"
-            )
-        array = np.asarray(values, dtype=np.float32).reshape(shape)
+            raise InvalidArgument(f"{what}: shape {list(shape)} needs {count} {field}, got {len(values)}")
+        array = np.asarray(values, dtype=np.float64 if low is None else np.int64).reshape(shape)
+        if low is not None and array.size and (array.min() < low or array.max() > high):
+            raise InvalidArgument(f"{what}: {tensor.datatype} values must lie in {low}..{high}")
+        array = array.astype(dtype)
     else:
-        raise InvalidArgument(f"{what}: FP16 data travels only as raw_input_contents")
+        raise InvalidArgument(f"{what}: {tensor.datatype} data travels only as raw_input_contents")
     return InferInput(tensor=array.astype(dtype.newbyteorder("="), copy=False))
 
 
@@ -104,6 +158,7 @@ def _int_param(param: grpc_service_pb2.InferParameter, name: str) -> int:
 
 
 def decode_options(request: grpc_service_pb2.ModelInferRequest, output_name: str) -> InferOptions:
+    """Queue timeout, priority, and what to return: logits, the top k, or logits into shared memory."""
     params = request.parameters
     timeout_s = None
     if "timeout" in params:
@@ -115,6 +170,7 @@ def decode_options(request: grpc_service_pb2.ModelInferRequest, output_name: str
     if priority < 0:
         raise InvalidArgument(f"parameter 'priority' must be >= 0, got {priority}")
     k = 0
+    region = None
     for output in request.outputs:
         if output.name != output_name:
             raise InvalidArgument(f"unknown output {output.name!r}; the model's output is {output_name!r}")
@@ -122,7 +178,10 @@ def decode_options(request: grpc_service_pb2.ModelInferRequest, output_name: str
             k = _int_param(output.parameters["classification"], "classification")
             if k < 1:
                 raise InvalidArgument(f"parameter 'classification' must be >= 1, got {k}")
-    return InferOptions(timeout_s, priority, k)
+        region = shm_ref(output.parameters, f"output {output.name!r}")
+    if region is not None and k:
+        raise InvalidArgument("classification results are BYTES and cannot be written to shared memory")
+    return InferOptions(timeout_s, priority, k, region)
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,7 +198,10 @@ def encode_infer_response(
     logits: np.ndarray,
     k: int,
     labels: list[str],
+    in_shared_memory: bool = False,
 ) -> grpc_service_pb2.ModelInferResponse:
+    """The response; with `in_shared_memory` the logits were written to the client's region and
+    only their name, datatype and shape travel."""
     response = grpc_service_pb2.ModelInferResponse(
         model_name=request.model_name, model_version=version, id=request.id
     )
@@ -158,7 +220,8 @@ def encode_infer_response(
     else:
         out.datatype = "FP32"
         out.shape.extend(logits.shape)
-        response.raw_output_contents.append(np.ascontiguousarray(logits, dtype="<f4").tobytes())
+        if not in_shared_memory:
+            response.raw_output_contents.append(np.ascontiguousarray(logits, dtype="<f4").tobytes())
     return response
 
 
@@ -171,7 +234,7 @@ def decode_classify_request(request: classifier_pb2.ClassifyRequest) -> InferInp
     t = request.tensor
     dtype = DATATYPES.get(t.datatype)
     if dtype is None:
-        raise InvalidArgument(f"tensor datatype {t.datatype!r} not supported; use FP32 or FP16")
+        raise InvalidArgument(f"tensor datatype {t.datatype!r} not supported; use FP32, FP16 or UINT8")
     shape = _shape(list(t.shape), "tensor")
     needed = math.prod(shape) * dtype.itemsize
     if len(t.data) != needed:

@@ -34,10 +34,24 @@ class ModelNotFound(ServingError):
         super().__init__(f"{what} is not served here{hint}")
 
 
-class QueueFull(ServingError):
-    """Back-pressure: the batching queue holds `max_queue_size` images; fail at once, never block."""
+class NotFound(ServingError):
+    """Something the request names (other than a model) does not exist, e.g. a shared-memory region."""
+
+    code = "NOT_FOUND"
+
+
+class AlreadyExists(ServingError):
+    code = "ALREADY_EXISTS"
+
+
+class ResourceExhausted(ServingError):
+    """Back-pressure: fail at once rather than block; the client may retry later."""
 
     code = "RESOURCE_EXHAUSTED"
+
+
+class QueueFull(ResourceExhausted):
+    """The batching queue holds `max_queue_size` images."""
 
     def __init__(self, queued: int, requested: int, capacity: int):
         super().__init__(
@@ -77,6 +91,14 @@ class FailedPrecondition(ServingError):
     """The request is valid, but the server's configuration does not allow it."""
 
     code = "FAILED_PRECONDITION"
+
+
+class Relayed(ServingError):
+    """An error another process of this server reported, with its status code (front ends)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class InferenceFailed(ServingError):

@@ -2,12 +2,14 @@
 
 Thin by design: decode with `codec`, call `DataPlane`, encode. The module-level functions build
 the protocol's answers as protobuf messages; the REST API (`serving.rest`) sends the same ones
-as JSON, so the two protocols cannot drift apart.
+as JSON, so the two protocols cannot drift apart. The inference RPCs (`KServeInference`) run
+wherever requests are parsed, the front-end processes included; the others (`KServeServicer`)
+run where the models are.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import numpy as np
@@ -18,9 +20,11 @@ from protos import grpc_service_pb2_grpc
 from protos import model_config_pb2 as mc
 from serving import codec
 from serving.codec import InferOptions
+from serving.errors import InvalidArgument
 from serving.preprocess import ACCEPTED_FORMATS
 from serving.rpc import concurrently, grpc_errors, remaining_s, status_of
-from serving.service import DataPlane, InferInput, LoadedModel
+from serving.service import DataPlane, InferencePlane, InferInput, LoadedModel, ServedModel
+from serving.shm import Region, RegionInfo, SharedMemoryRegistry, ShmRef
 from serving.stats import Duration
 
 EXTENSIONS = (
@@ -31,11 +35,13 @@ EXTENSIONS = (
     "parameters",
     "binary_tensor_data",
     "trace",
+    "system_shared_memory",
 )
 # What the metadata and config say the tensors accept besides their FP32 form.
 FORMATS = ",".join(ACCEPTED_FORMATS)
 INPUT_PARAMETERS = {
-    "datatypes": "FP32,FP16,BYTES",
+    "datatypes": "FP32,FP16,UINT8,BYTES",
+    "uint8_content": "pixels [-1, 3, S, S] or [-1, S, S, 3], normalized on the server (mean/std)",
     "bytes_shape": "[-1]",
     "bytes_content": f"one encoded image per element ({FORMATS}), decoded and preprocessed on the server",
 }
@@ -45,9 +51,81 @@ OUTPUT_PARAMETERS = {
 }
 
 
-class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, plane: DataPlane) -> None:
+class KServeInference:
+    """ModelInfer and ModelStreamInfer over any inference plane, reading shared memory from `regions`."""
+
+    def __init__(self, plane: InferencePlane, regions: SharedMemoryRegistry) -> None:
         self.plane = plane
+        self.regions = regions
+
+    @grpc_errors
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):
+        return await self._infer(request, context, "ModelInfer")
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, api: str
+    ) -> pb.ModelInferResponse:
+        model = self.plane.get(request.model_name, request.model_version)
+        tracing = self.plane.tracing
+        with tracing.request(context.invocation_metadata, model.name, model.version, api):
+            with tracing.span("receive"):
+                payload, options = receive(model, request, self.regions)
+                output = self._output_region(options.output_region, model, payload.rows)
+            tracing.annotate("hrnet.request_id", request.id)
+            # A stream's requests are not bound by the call's deadline: each has its own timeout.
+            timeout_s = remaining_s(context, options.timeout_s) if api == "ModelInfer" else options.timeout_s
+            deadline = self.plane.deadline(model, timeout_s)
+            logits = await self.plane.infer(model, payload, deadline, options.priority)
+            with tracing.span("respond"):
+                if output is not None and options.output_region is not None:
+                    output.write(options.output_region, logits.astype("<f4", copy=False))
+                return respond(request, model, logits, options, in_shared_memory=output is not None)
+
+    def _output_region(self, ref: ShmRef | None, model: ServedModel, rows: int) -> Region | None:
+        """The region the logits go to: resolved (held until written) and sized before any work."""
+        if ref is None:
+            return None
+        what = f"output {model.output.name!r}"
+        region = self.regions.resolve(ref, what)
+        needed = rows * len(model.labels) * np.dtype(np.float32).itemsize
+        if ref.byte_size < needed:
+            raise InvalidArgument(
+                f"{what}: shared_memory_byte_size {ref.byte_size} is too small for the {needed} bytes "
+                f"of {rows} x {len(model.labels)} FP32 logits"
+            )
+        return region
+
+    @grpc_errors
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        async def handle(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            try:
+                infer_response = await self._infer(request, context, "ModelStreamInfer")
+                return pb.ModelStreamInferResponse(infer_response=infer_response)
+            except Exception as exc:
+                code, message = status_of(exc)
+                echo = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                return pb.ModelStreamInferResponse(
+                    error_message=f"{code.name}: {message}", infer_response=echo
+                )
+
+        async for response in concurrently(requests, handle):
+            yield response
+
+
+class KServeServicer(KServeInference, grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Every RPC; `regions_changed` tells the front-end processes when the registry changed."""
+
+    def __init__(
+        self,
+        plane: DataPlane,
+        regions: SharedMemoryRegistry,
+        regions_changed: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        super().__init__(plane, regions)
+        self.plane: DataPlane = plane
+        self._regions_changed = regions_changed
 
     @grpc_errors
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext):
@@ -71,44 +149,6 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return model_metadata(self.plane, self.plane.get(request.name, request.version))
 
     @grpc_errors
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):
-        return await self._infer(request, context, "ModelInfer")
-
-    async def _infer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, api: str
-    ) -> pb.ModelInferResponse:
-        model = self.plane.get(request.model_name, request.model_version)
-        tracing = self.plane.tracing
-        with tracing.request(context.invocation_metadata, model.name, model.version, api):
-            with tracing.span("receive"):
-                payload, options = receive(model, request)
-            tracing.annotate("hrnet.request_id", request.id)
-            # A stream's requests are not bound by the call's deadline: each has its own timeout.
-            timeout_s = remaining_s(context, options.timeout_s) if api == "ModelInfer" else options.timeout_s
-            deadline = self.plane.deadline(model, timeout_s)
-            logits = await self.plane.infer(model, payload, deadline, options.priority)
-            with tracing.span("respond"):
-                return respond(request, model, logits, options)
-
-    @grpc_errors
-    async def ModelStreamInfer(
-        self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        async def handle(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
-            try:
-                infer_response = await self._infer(request, context, "ModelStreamInfer")
-                return pb.ModelStreamInferResponse(infer_response=infer_response)
-            except Exception as exc:
-                code, message = status_of(exc)
-                echo = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
-                return pb.ModelStreamInferResponse(
-                    error_message=f"{code.name}: {message}", infer_response=echo
-                )
-
-        async for response in concurrently(requests, handle):
-            yield response
-
-    @grpc_errors
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext):
         return pb.ModelConfigResponse(config=model_config(self.plane.get(request.name, request.version)))
 
@@ -123,19 +163,57 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         value = pb.TraceSettingResponse.SettingValue
         return pb.TraceSettingResponse(settings={k: value(value=v) for k, v in settings.items()})
 
+    @grpc_errors
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ):
+        status = pb.SystemSharedMemoryStatusResponse.RegionStatus
+        return pb.SystemSharedMemoryStatusResponse(
+            regions={
+                r.name: status(name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size)
+                for r in self.regions.status(request.name)
+            }
+        )
 
-def receive(model: LoadedModel, request: pb.ModelInferRequest) -> tuple[InferInput, InferOptions]:
-    """A request as the data plane takes it: the payload and the options (timeout, priority, k)."""
-    options = codec.decode_options(request, model.backend.output.name)
-    return codec.decode_infer_request(request, model.backend.input.name), options
+    @grpc_errors
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ):
+        self.regions.register(RegionInfo(request.name, request.key, request.offset, request.byte_size))
+        if self._regions_changed:
+            await self._regions_changed()
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @grpc_errors
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ):
+        self.regions.unregister(request.name)
+        if self._regions_changed:
+            await self._regions_changed()
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+
+def receive(
+    model: ServedModel, request: pb.ModelInferRequest, regions: SharedMemoryRegistry | None = None
+) -> tuple[InferInput, InferOptions]:
+    """A request as the data plane takes it: the payload (read from shared memory with `regions`)
+    and the options (timeout, priority, k, the output's region)."""
+    options = codec.decode_options(request, model.output.name)
+    return codec.decode_infer_request(request, model.input.name, regions), options
 
 
 def respond(
-    request: pb.ModelInferRequest, model: LoadedModel, logits: np.ndarray, options: InferOptions
+    request: pb.ModelInferRequest,
+    model: ServedModel,
+    logits: np.ndarray,
+    options: InferOptions,
+    in_shared_memory: bool = False,
 ) -> pb.ModelInferResponse:
-    output = model.backend.output.name
     k = options.classification_k
-    return codec.encode_infer_response(request, model.version, output, logits, k, model.labels)
+    return codec.encode_infer_response(
+        request, model.version, model.output.name, logits, k, model.labels, in_shared_memory
+    )
 
 
 def server_metadata() -> pb.ServerMetadataResponse:

@@ -128,10 +128,8 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image)
 
 
-def preprocess_array(
-    rgb: np.ndarray, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> np.ndarray:
-    """RGB uint8 HWC -> normalised float32 CHW: resize short side, centre crop, normalise."""
+def resize_crop(rgb: np.ndarray, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """RGB uint8 HWC -> the uint8 HWC crop the network sees: resize the short side, centre crop."""
     if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         desc = (
             f"{rgb.dtype} array of shape {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
@@ -150,14 +148,34 @@ def preprocess_array(
     resized = cv2.resize(np.ascontiguousarray(rgb), (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     top = (new_h - spec.input_size) // 2
     left = (new_w - spec.input_size) // 2
-    crop = resized[top : top + spec.input_size, left : left + spec.input_size]
-    chw = crop.transpose(2, 0, 1).astype(np.float32, order="C")
-    # MindSpore's Normalize receives mean*255 and std*255 computed in double, then works in float32.
+    return resized[top : top + spec.input_size, left : left + spec.input_size]
+
+
+def normalize(pixels: np.ndarray, spec: PreprocessSpec, channels_last: bool, out: np.ndarray) -> np.ndarray:
+    """uint8 pixels (N, 3, S, S), or (N, S, S, 3) when `channels_last`, -> normalized NCHW in `out`.
+
+    The last step of the eval transform, shared by decoded images and by clients that send
+    UINT8 tensors, so both give the model identical input: MindSpore's Normalize receives
+    mean*255 and std*255 computed in double, then works in float32.
+    """
+    nchw = pixels.transpose(0, 3, 1, 2) if channels_last else pixels
     mean = np.array([m * 255 for m in spec.mean], dtype=np.float32)[:, None, None]
     std = np.array([s * 255 for s in spec.std], dtype=np.float32)[:, None, None]
-    chw -= mean
-    chw /= std
-    return chw
+    work = out if out.dtype == np.float32 else np.empty(out.shape, np.float32)
+    np.subtract(nchw, mean, out=work, dtype=np.float32)
+    np.divide(work, std, out=work)
+    if work is not out:
+        out[...] = work
+    return out
+
+
+def preprocess_array(
+    rgb: np.ndarray, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """RGB uint8 HWC -> normalised float32 CHW: resize short side, centre crop, normalise."""
+    crop = resize_crop(rgb, spec, max_pixels)
+    out = np.empty((1, 3, spec.input_size, spec.input_size), np.float32)
+    return normalize(crop[None], spec, channels_last=True, out=out)[0]
 
 
 def preprocess_image(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -166,9 +184,10 @@ def preprocess_image(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAUL
 
 
 def default_workers() -> int:
-    """One decoding thread per usable core, at most 4: inference needs cores too."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(4, cores))
+    """One decoding thread per usable core. Pillow and OpenCV release the GIL, so each thread
+    keeps a core busy: with fewer threads than cores, encoded images cannot arrive as fast as a
+    GPU consumes them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class ImagePreprocessor:
@@ -189,23 +208,40 @@ class ImagePreprocessor:
         self.max_workers = max_workers or default_workers()
         self._pool = ThreadPoolExecutor(self.max_workers, thread_name_prefix="preprocess")
 
-    async def preprocess_many(self, images: list[bytes]) -> np.ndarray:
-        """Encoded images -> float32 NCHW; an ImageError names the first bad image by its index."""
+    async def preprocess_many(self, images: list[bytes], out: np.ndarray | None = None) -> np.ndarray:
+        """Encoded images -> normalized NCHW, each decoded on the pool straight into its row of
+        `out` (float32 when not given); an ImageError names the first bad image by its index.
+
+        Returns only when no pool thread writes into `out` any more, also when cancelled, so the
+        caller may reuse `out` (a shared-memory slot) at once.
+        """
         size = self.spec.input_size
-        batch = np.empty((len(images), 3, size, size), dtype=np.float32)
-        loop = asyncio.get_running_loop()
-        jobs = [
-            loop.run_in_executor(self._pool, preprocess_image, data, self.spec, self.max_pixels)
-            for data in images
-        ]
-        results = await asyncio.gather(*jobs, return_exceptions=True)
-        for index, result in enumerate(results):
-            if isinstance(result, ImageError):
-                raise ImageError(f"image {index}: {result}") from None
-            if isinstance(result, BaseException):
-                raise result
-            batch[index] = result
+        batch = np.empty((len(images), 3, size, size), np.float32) if out is None else out
+        futures = [self._pool.submit(self._into, data, batch, i) for i, data in enumerate(images)]
+        try:
+            if futures:
+                await asyncio.wait([asyncio.wrap_future(f) for f in futures])
+        finally:
+            running = [f for f in futures if not f.cancel() and not f.done()]
+            if running:  # cancelled: images already being decoded still land in `batch`
+                await asyncio.wait([asyncio.wrap_future(f) for f in running])
+        for index, future in enumerate(futures):
+            error = future.result()
+            if isinstance(error, ImageError):
+                raise ImageError(f"image {index}: {error}") from None
+            if error is not None:
+                raise error
         return batch
+
+    def _into(self, data: bytes, batch: np.ndarray, index: int) -> Exception | None:
+        """Decode one image into its row; its error is returned, so none is left unretrieved."""
+        try:
+            rgb = decode_image(data, self.max_pixels, self.spec.exif_transpose)
+            crop = resize_crop(rgb, self.spec, self.max_pixels)
+            normalize(crop[None], self.spec, channels_last=True, out=batch[index : index + 1])
+        except Exception as exc:
+            return exc
+        return None
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -108,13 +108,18 @@ def _json_tensor(data: Any, datatype: str, shape: list[int], parameters: dict[st
     if dtype is None:
         return b""  # codec names the datatypes it takes
     try:
-        array = np.asarray(data, dtype=dtype)
+        array = np.asarray(data, dtype=np.float64 if dtype.kind == "u" else dtype)
     except (ValueError, TypeError) as exc:
         raise InvalidArgument(
             f"{what}: data must be (nested lists of) numbers for {datatype}: {exc}"
         ) from None
     if count is not None and array.size != count:
         raise InvalidArgument(f"{what}: shape {shape} holds {count} values, got {array.size}")
+    if dtype.kind == "u":  # checked before the cast, which would wrap 256 to 0 silently
+        top = np.iinfo(dtype).max
+        if array.size and (array.min() < 0 or array.max() > top or np.any(array != np.floor(array))):
+            raise InvalidArgument(f"{what}: {datatype} values must be integers in 0..{top}")
+        array = array.astype(dtype)
     return array.tobytes()
 
 

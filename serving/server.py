@@ -37,6 +37,7 @@ from serving.metrics import ServerMetrics
 from serving.repository import scan_repository, single_model
 from serving.rest import RestApi
 from serving.service import DataPlane, LoadedModel, load_model
+from serving.shm import SharedMemoryRegistry
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class Server:
         self.config = config
         self.metrics = ServerMetrics()
         self.plane = DataPlane(self.metrics)
+        self.regions = SharedMemoryRegistry(config.max_message_bytes)
         self.health = health.aio.HealthServicer()
         self.port = 0  # gRPC; the bound ports are known once started (0 in the config picks one)
         self.http_port = -1  # -1: not serving it
@@ -99,7 +101,7 @@ class Server:
             ],
         )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(self.plane), self._grpc
+            KServeServicer(self.plane, self.regions), self._grpc
         )
         classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.plane), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)

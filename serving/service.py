@@ -1,8 +1,15 @@
 """The data plane: loaded models and the one path every inference takes.
 
 Protocol-free: the KServe and Classifier servicers convert protobuf to arrays and call
-`infer_tensor` / `infer_images`; this module validates against the model, preprocesses images,
-applies deadlines, feeds the batcher and accounts for the outcome (statistics and metrics).
+`DataPlane.infer`; this module validates against the model, preprocesses images, applies
+deadlines, feeds the batcher and accounts for the outcome (statistics and metrics). The
+front-end processes (serving/frontend.py) check and convert inputs with the same functions
+before handing them over.
+
+Accepted inputs: encoded images; FP32 or FP16 tensors (N, 3, S, S), already normalized; UINT8
+pixel tensors, normalized here with the model's mean and std (a quarter of the FP32 bytes), in
+NCHW (N, 3, S, S) or NHWC (N, S, S, 3) layout, told apart by their shape (a model with S = 3
+would read both as NCHW).
 """
 
 from __future__ import annotations
@@ -10,17 +17,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from core.metadata import ModelMetadata
-from serving.backends import Backend, open_backend
+from serving.backends import Backend, TensorSpec, open_backend
 from serving.batcher import Batcher
 from serving.errors import InvalidArgument, ModelNotFound, ServingError, Unavailable
 from serving.metrics import ServerMetrics
-from serving.preprocess import ImageError, ImagePreprocessor, PreprocessSpec
+from serving.preprocess import ImageError, ImagePreprocessor, PreprocessSpec, normalize
 from serving.repository import ModelSource, resolve_metadata
 from serving.stats import ModelStats
 from serving.tracing import Tracing
@@ -40,6 +48,112 @@ class InferInput:
     def __post_init__(self) -> None:
         if (self.tensor is None) == (self.images is None):
             raise ValueError("an InferInput holds a tensor or images, exactly one of them")
+
+    @property
+    def rows(self) -> int:
+        return len(self.images) if self.images is not None else len(self.tensor)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What a front end must know of a served model: names, specs, labels, its transform.
+
+    Small and picklable: the model owner sends it to front-end processes, which check and
+    convert requests with it and never touch the model itself.
+    """
+
+    name: str
+    version: str
+    input: TensorSpec
+    output: TensorSpec
+    labels: list[str]
+    spec: PreprocessSpec
+    max_image_pixels: int
+    default_timeout_us: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+
+class ServedModel(Protocol):
+    """What the inference RPCs read of a model: a LoadedModel, or a front end's ModelView."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def input(self) -> TensorSpec: ...
+    @property
+    def output(self) -> TensorSpec: ...
+    @property
+    def labels(self) -> list[str]: ...
+
+
+class InferencePlane(Protocol):
+    """Where the inference RPCs send work: the DataPlane, or a front end's link to it."""
+
+    tracing: Tracing
+
+    def get(self, name: str, version: str = "") -> Any: ...
+
+    def deadline(self, model: Any, timeout_s: float | None) -> float | None: ...
+
+    async def infer(
+        self, model: Any, payload: InferInput, deadline: float | None = None, priority: int = 0
+    ) -> np.ndarray: ...
+
+
+def _channels_last(batch: np.ndarray, size: int) -> bool:
+    return batch.dtype == np.uint8 and batch.shape[1:] == (size, size, 3) and size != 3
+
+
+def check_input(model: str, input: TensorSpec, size: int, payload: InferInput) -> int:
+    """How many images `payload` holds, after checking it fits the model's input."""
+    if payload.images is not None:
+        if not payload.images:
+            raise InvalidArgument("no images in the request")
+        return len(payload.images)
+    batch = payload.tensor
+    assert batch is not None
+    nchw = (3, size, size)
+    shapes = [[-1, *nchw]] + ([[-1, size, size, 3]] if batch.dtype == np.uint8 else [])
+    if batch.ndim != 4 or batch.shape[0] < 1 or (batch.shape[1:] != nchw and not _channels_last(batch, size)):
+        expected = " or ".join(str(s) for s in shapes)
+        raise InvalidArgument(
+            f"model {model!r} input {input.name!r}: expected shape {expected} (N >= 1), "
+            f"got {list(batch.shape)}"
+        )
+    if batch.dtype not in (np.float32, np.float16, np.uint8):
+        raise InvalidArgument(f"model {model!r}: expected FP32, FP16 or UINT8 data, got {batch.dtype}")
+    return int(batch.shape[0])
+
+
+async def convert_input(
+    payload: InferInput,
+    preprocessor: ImagePreprocessor,
+    dtype: np.dtype,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """A checked `payload` as the model's input (N, 3, S, S) of `dtype`: images decoded, UINT8
+    normalized, floats cast. Written into `out` when given (a front end's shared slot);
+    otherwise a float tensor of the right dtype passes through without a copy."""
+    if payload.images is not None:
+        try:
+            return await preprocessor.preprocess_many(payload.images, out)
+        except ImageError as exc:
+            raise InvalidArgument(str(exc)) from None
+    batch = payload.tensor
+    assert batch is not None
+    if batch.dtype == np.uint8:
+        size = preprocessor.spec.input_size
+        target = np.empty((batch.shape[0], 3, size, size), dtype) if out is None else out
+        return normalize(batch, preprocessor.spec, _channels_last(batch, size), target)
+    if out is None:
+        return batch.astype(dtype, copy=False)
+    np.copyto(out, batch, casting="same_kind")
+    return out
 
 
 @dataclass
@@ -67,6 +181,16 @@ class LoadedModel:
         return self.backends[0]
 
     @property
+    def input(self) -> TensorSpec:
+        assert self.backend.input is not None
+        return self.backend.input
+
+    @property
+    def output(self) -> TensorSpec:
+        assert self.backend.output is not None
+        return self.backend.output
+
+    @property
     def input_shape(self) -> tuple[int, int, int]:
         size = self.metadata.input_size
         return (3, size, size)
@@ -85,6 +209,18 @@ class LoadedModel:
     def labels(self) -> list[str]:
         """One label per class: the model card's, or the class indices where it has none."""
         return [self.metadata.label(i) for i in range(self.num_classes)]
+
+    def view(self) -> ModelView:
+        return ModelView(
+            name=self.name,
+            version=self.version,
+            input=self.input,
+            output=self.output,
+            labels=self.labels,
+            spec=self.preprocessor.spec,
+            max_image_pixels=self.preprocessor.max_pixels,
+            default_timeout_us=self.source.config.batching.default_timeout_us,
+        )
 
 
 def load_model(
@@ -118,6 +254,33 @@ def load_model(
         },
     )
     return model
+
+
+M = TypeVar("M")
+
+
+def resolve(models: Mapping[str, Mapping[str, M]], name: str, version: str) -> M:
+    """`name` empty means the only model, or the first by name; `version` empty the newest."""
+    if not name:
+        if not models:
+            raise ModelNotFound("(default)")
+        name = min(models)
+    versions = models.get(name)
+    if versions is None:
+        raise ModelNotFound(name, known=sorted(models))
+    if not version:
+        version = max(versions, key=int)
+    model = versions.get(version)
+    if model is None:
+        raise ModelNotFound(name, version, known=[f"{name} {v}" for v in sorted(versions, key=int)])
+    return model
+
+
+def deadline_after(now: float, timeout_s: float | None, default_timeout_us: int) -> float | None:
+    """Absolute deadline from a relative timeout, else from the model's default (0: none)."""
+    if timeout_s is None and default_timeout_us:
+        timeout_s = default_timeout_us / 1e6
+    return None if timeout_s is None else now + timeout_s
 
 
 class DataPlane:
@@ -156,19 +319,7 @@ class DataPlane:
         """
         if not self.accepting:
             raise Unavailable("the server is starting or shutting down; retry")
-        if not name:
-            if not self._models:
-                raise ModelNotFound("(default)")
-            name = self.names()[0]
-        versions = self._models.get(name)
-        if versions is None:
-            raise ModelNotFound(name, known=self.names())
-        if not version:
-            version = self.versions(name)[-1]
-        model = versions.get(version)
-        if model is None:
-            raise ModelNotFound(name, version, known=[f"{name} {v}" for v in self.versions(name)])
-        return model
+        return resolve(self._models, name, version)
 
     @property
     def ready(self) -> bool:
@@ -196,40 +347,26 @@ class DataPlane:
 
     def deadline(self, model: LoadedModel, timeout_s: float | None) -> float | None:
         """Absolute `clock()` deadline from a relative timeout, else the model's default timeout."""
-        if timeout_s is None:
-            default_us = model.source.config.batching.default_timeout_us
-            timeout_s = default_us / 1e6 if default_us else None
-        return None if timeout_s is None else self.clock() + timeout_s
+        return deadline_after(self.clock(), timeout_s, model.source.config.batching.default_timeout_us)
 
     async def infer(
-        self, model: LoadedModel, payload: InferInput, deadline: float | None = None, priority: int = 0
+        self,
+        model: LoadedModel,
+        payload: InferInput,
+        deadline: float | None = None,
+        priority: int = 0,
+        arrived: float | None = None,
     ) -> np.ndarray:
         """Logits (N, classes): a tensor is checked against the model's input, encoded images are
-        decoded with the model's eval transform."""
+        decoded with the model's eval transform. `arrived` (time.monotonic()) is when a front-end
+        process received the request, so its duration counts from there."""
 
         async def prepare() -> np.ndarray:
             with self.tracing.span("decode"):
-                if payload.tensor is not None:
-                    return self._check_tensor(model, payload.tensor)
-                if not payload.images:
-                    raise InvalidArgument("no images in the request")
-                try:
-                    return await model.preprocessor.preprocess_many(payload.images)
-                except ImageError as exc:
-                    raise InvalidArgument(str(exc)) from None
+                check_input(model.name, model.input, model.metadata.input_size, payload)
+                return await convert_input(payload, model.preprocessor, model.input.dtype)
 
-        return await self._run(model, prepare, deadline, priority)
-
-    def _check_tensor(self, model: LoadedModel, batch: np.ndarray) -> np.ndarray:
-        expected = [-1, *model.input_shape]
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != model.input_shape or batch.shape[0] < 1:
-            raise InvalidArgument(
-                f"model {model.name!r} input {model.backend.input.name!r}: expected shape {expected} "
-                f"(N >= 1), got {list(batch.shape)}"
-            )
-        if batch.dtype not in (np.float32, np.float16):
-            raise InvalidArgument(f"model {model.name!r}: expected FP32 or FP16 data, got {batch.dtype}")
-        return batch.astype(model.backend.input.dtype, copy=False)
+        return await self._run(model, prepare, deadline, priority, arrived)
 
     async def _run(
         self,
@@ -237,10 +374,11 @@ class DataPlane:
         prepare: Callable[[], Awaitable[np.ndarray]],
         deadline: float | None,
         priority: int,
+        arrived: float | None = None,
     ) -> np.ndarray:
         if not self.accepting or not model.ready:
             raise Unavailable(f"model {model.name!r} is not accepting requests (server shutting down)")
-        start = time.monotonic()
+        start = time.monotonic() if arrived is None else arrived
         code = "OK"
         in_flight = self.metrics.in_flight.labels(model.name, model.version) if self.metrics else None
         if in_flight:

@@ -55,6 +55,21 @@ def test_tritonclient_grpc_works_unchanged(grpc_server, model_repo, digit_images
         np.testing.assert_allclose(np.array(seen["stream"][f"s{i}"]), expected[i], rtol=1e-4, atol=1e-5)
     assert int(seen["statistics"]["model_stats"][0]["inference_count"]) >= 10
     assert seen["missing"] == "StatusCode.NOT_FOUND"
+    assert "system_shared_memory" in seen["server_metadata"]["extensions"]
+    check_shared_memory_round_trip(seen["shm"], expected)
+
+
+def check_shared_memory_round_trip(seen: dict, expected: np.ndarray) -> None:
+    """What triton_probe.shared_memory_round_trip saw: registration, logits read back, cleanup."""
+    regions = seen["status"]["regions"]
+    assert sorted(regions) == ["probe_in", "probe_out"]
+    assert regions["probe_out"]["offset"] == str(3 * 3 * 32 * 32 * 4)  # after the FP32 input batch
+    assert regions["probe_out"]["byte_size"] == str(expected.nbytes)
+    assert len(seen["logits"]) == 4
+    for logits in seen["logits"]:
+        np.testing.assert_allclose(np.array(logits), expected, rtol=1e-4, atol=1e-5)
+    assert seen["after_unregister"] == "StatusCode.NOT_FOUND"
+    assert seen["left"] == {}
 
 
 def test_tritonclient_http_works_unchanged(grpc_server, model_repo, digit_images, tmp_path) -> None:
@@ -63,7 +78,7 @@ def test_tritonclient_http_works_unchanged(grpc_server, model_repo, digit_images
     assert "binary_tensor_data" in seen["server_metadata"]["extensions"]
     image = seen["model_metadata"]["inputs"][0]
     assert (image["name"], image["datatype"], image["shape"]) == ("image", "FP32", [-1, 3, 32, 32])
-    assert image["parameters"]["datatypes"] == "FP32,FP16,BYTES"
+    assert image["parameters"]["datatypes"] == "FP32,FP16,UINT8,BYTES"
     assert seen["model_config"]["max_batch_size"] == 16
     for key in ("logits", "json_logits", "aio_logits"):  # binary, JSON, and the asyncio client
         np.testing.assert_allclose(np.array(seen[key]), expected, rtol=1e-4, atol=1e-5)
