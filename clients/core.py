@@ -49,7 +49,8 @@ _NUMPY_DTYPES = {
     "UINT8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
-_INFER_INPUT_DTYPES = {np.dtype("float32"): "FP32", np.dtype("float16"): "FP16"}
+# FP32/FP16: preprocessed NCHW; UINT8: resized and cropped pixels, NCHW or NHWC (normalized by the server).
+_INFER_INPUT_DTYPES = {np.dtype("float32"): "FP32", np.dtype("float16"): "FP16", np.dtype("uint8"): "UINT8"}
 
 
 @dataclass(frozen=True)
@@ -276,12 +277,13 @@ def _check_tensor(tensor: np.ndarray) -> np.ndarray:
         raise TypeError(f"infer() takes a numpy array, got {type(tensor).__name__}")
     if tensor.dtype not in _INFER_INPUT_DTYPES:
         raise TypeError(
-            f"infer() sends FP32 or FP16 tensors, got {tensor.dtype}; convert with .astype(np.float32)"
+            f"infer() sends FP32, FP16 or UINT8 tensors, got {tensor.dtype}; convert with .astype(np.float32)"
         )
-    if tensor.ndim != 4 or tensor.shape[1] != 3:
+    pixels_last = tensor.dtype == np.uint8 and tensor.ndim == 4 and tensor.shape[3] == 3
+    if tensor.ndim != 4 or (tensor.shape[1] != 3 and not pixels_last):
         raise ValueError(
-            f"infer() takes a preprocessed NCHW batch (N, 3, H, W), got shape {tensor.shape}; "
-            "add the batch axis of a single image with tensor[None]"
+            f"infer() takes a preprocessed NCHW batch (N, 3, H, W), or UINT8 pixels (N, 3, H, W) or "
+            f"(N, H, W, 3), got shape {tensor.shape}; add the batch axis of a single image with tensor[None]"
         )
     return np.ascontiguousarray(tensor)
 

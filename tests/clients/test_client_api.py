@@ -12,7 +12,7 @@ from PIL import Image
 
 from clients import Classification, ClientError, StreamResult
 from core.metadata import ModelMetadata
-from serving.preprocess import PreprocessSpec, preprocess_image
+from serving.preprocess import PreprocessSpec, decode_image, preprocess_image, resize_crop
 from training.export import read_onnx_metadata
 
 
@@ -125,6 +125,8 @@ def test_infer_fp32_and_fp16_match_classify(
         assert float(probabilities.max()) == pytest.approx(expected.score, abs=1e-4)
     with pytest.raises(ValueError, match="NCHW"):
         client.infer(tensor[0])
+    crops = np.stack([resize_crop(decode_image(i.png), spec) for i in images])  # the server normalizes
+    np.testing.assert_allclose(client.infer(crops).output, result.output, rtol=1e-5, atol=1e-5)
 
 
 def test_model_metadata_health_and_readiness(connect: Any, grpc_server: Any) -> None:
