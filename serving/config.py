@@ -28,6 +28,10 @@ MAX_IMAGE_PIXELS = 50_000_000
 __all__ = ["BatchingConfig", "ConfigError", "ModelConfig", "ServerConfig"]
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class BatchingConfig:
     """Dynamic batching. Defaults suit online serving of a small CNN on a few cores."""
@@ -138,7 +142,20 @@ class ServerConfig:
     grace_period_s: float = setting(
         30.0, "on SIGTERM, how long queued and running work may take to finish", flag="grace-period"
     )
-    preprocess_workers: int = setting(0, "image decoding threads; 0: one per core, at most 4")
+    workers: int = setting(
+        0,
+        "front-end processes sharing the port: gRPC parsing, tensor conversion and image decoding "
+        "run in them, the models in one more process; 0: half the cores, at most 8 (1 below 4 "
+        "cores); 1: everything in one process",
+    )
+    frontend_buffer_mb: int = setting(
+        256,
+        "shared memory per front-end process for requests on their way to the models and back, "
+        "MiB (touched only as used); a request needing more is refused",
+    )
+    preprocess_workers: int = setting(
+        0, "image decoding threads per process; 0: the cores, shared among the front-end processes"
+    )
     max_image_pixels: int = setting(
         MAX_IMAGE_PIXELS, "decoded pixels allowed per image: larger ones are refused from their header"
     )
@@ -182,6 +199,11 @@ class ServerConfig:
             raise ConfigError(f"log_format must be json or text, got {self.log_format!r}")
         if self.grace_period_s < 0 or self.max_image_pixels < 1 or self.preprocess_workers < 0:
             raise ConfigError("grace_period_s, preprocess_workers must be >= 0 and max_image_pixels >= 1")
+        if self.workers < 0 or self.frontend_buffer_mb < 1:
+            raise ConfigError(
+                f"workers must be >= 0 and frontend_buffer_mb >= 1, got {self.workers} and "
+                f"{self.frontend_buffer_mb}"
+            )
         if bool(self.tls_cert) != bool(self.tls_key) or (self.tls_client_ca and not self.tls_cert):
             raise ConfigError(
                 "TLS needs both tls_cert and tls_key (and tls_client_ca only together with them)"
@@ -190,6 +212,17 @@ class ServerConfig:
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * MiB
+
+    def front_ends(self, cores: int | None = None) -> int:
+        """Processes that parse requests: `workers`, else half the cores (the rest, and the
+        accelerator, compute), at most 8; below 4 cores one process does everything."""
+        if self.workers:
+            return self.workers
+        return max(1, min(8, (cores or usable_cores()) // 2))
+
+    def decode_threads(self) -> int:
+        """Image decoding threads in each process that decodes."""
+        return self.preprocess_workers or max(1, usable_cores() // self.front_ends())
 
 
 def load_server_config(

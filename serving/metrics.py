@@ -76,6 +76,15 @@ class ServerMetrics:
             (*LABELS, "backend", "precision"),
             registry=r,
         )
+        self.frontend_requests = Counter(
+            "hrnet_frontend_requests",
+            "Inference requests handed to the models by each front-end process (--workers > 1)",
+            ("worker",),
+            registry=r,
+        )
+        self.frontend_restarts = Counter(
+            "hrnet_frontend_restarts", "Front-end processes that died and were replaced", registry=r
+        )
 
     def watch_queue(self, model: str, version: str, depth: Callable[[], float]) -> None:
         self.queue_depth.labels(model, version).set_function(depth)

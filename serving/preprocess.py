@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -31,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from core.metadata import ModelMetadata
-from serving.config import MAX_IMAGE_PIXELS
+from serving.config import MAX_IMAGE_PIXELS, usable_cores
 
 DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS  # the server's setting, also the default of these functions
 
@@ -187,7 +186,7 @@ def default_workers() -> int:
     """One decoding thread per usable core. Pillow and OpenCV release the GIL, so each thread
     keeps a core busy: with fewer threads than cores, encoded images cannot arrive as fast as a
     GPU consumes them."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return usable_cores()
 
 
 class ImagePreprocessor:

@@ -6,6 +6,12 @@ aborts the start with its path), start the batchers, then SERVING. Stop order (S
 NOT_SERVING and new requests refused at once, queued and running work finishes within the grace
 period, then the listeners close and pending traces are exported.
 
+With several front-end processes (`workers` > 1, serving/frontend.py) this process owns the
+models and answers gRPC on a private Unix socket instead (REST and metrics stay here); the front
+ends listen on the gRPC port, serve the inference RPCs and forward the rest here. They start
+right after binding, drain (stop taking requests, hand over the accepted ones) before the data
+plane does, and stop after it.
+
 `Server` is also the embedding API: `await server.start()` / `await server.stop()` (or
 `async with Server(config)`) on the caller's event loop, or `server.start_background()` /
 `server.stop_background()` (or `with Server(config)`) on a loop in a thread of its own.
@@ -15,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import tempfile
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -38,6 +46,7 @@ from serving.repository import scan_repository, single_model
 from serving.rest import RestApi
 from serving.service import DataPlane, LoadedModel, load_model
 from serving.shm import SharedMemoryRegistry
+from serving.supervisor import FrontEnds
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +74,8 @@ class Server:
         self.http_port = -1  # -1: not serving it
         self.metrics_port = -1
         self._span_exporter = span_exporter
+        self.frontends: FrontEnds | None = None  # with workers > 1
+        self._private: tempfile.TemporaryDirectory[str] | None = None  # the owner's gRPC socket
         self._grpc: grpc.aio.Server | None = None  # made in start(): it binds to the running loop
         self._listeners: list[HttpListener] = []
         self._background: BackgroundLoop | None = None
@@ -91,35 +102,17 @@ class Server:
     async def start(self) -> None:
         """Bind, load every model, start batching; raises a StartError and leaves nothing running."""
         cfg = self.config
-        limit = cfg.max_message_bytes
-        self._grpc = grpc.aio.server(
-            interceptors=auth.interceptors(cfg.auth_token),
-            options=[
-                ("grpc.max_send_message_length", limit),
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.so_reuseport", 0),
-            ],
-        )
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(self.plane, self.regions), self._grpc
-        )
-        classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.plane), self._grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection(
-            (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self._grpc,
-        )
+        self._grpc = self._services()
         try:
-            self.port = auth.bind(
-                self._grpc, f"{cfg.host}:{cfg.port}", cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca
-            )
-        except RuntimeError:
-            self.port = 0
-        if not self.port:
-            raise ListenError(f"cannot listen on {cfg.host}:{cfg.port} (in use or not permitted)")
+            self._bind_grpc()
+        except BaseException:
+            self._remove_private()
+            raise
         await self._set_health(NOT_SERVING, [])
         await self._grpc.start()
         try:
+            if self.frontends is not None:
+                await self.frontends.start(self.port)
             await self._listen()
             self.plane.tracing = tracing.create(
                 cfg.trace_endpoint, cfg.trace_sample_ratio, self._span_exporter
@@ -128,7 +121,11 @@ class Server:
             for model in models:
                 self.plane.add(model)
             await self.plane.start()
+            if self.frontends is not None:
+                await self.frontends.publish_models()
         except BaseException:
+            if self.frontends is not None:
+                await self.frontends.stop(0.0)
             await self._grpc.stop(None)
             await self._close()
             raise
@@ -141,8 +138,55 @@ class Server:
                 "metrics_port": self.metrics_port,
                 "tracing": cfg.trace_endpoint or ("exporter" if self._span_exporter else "off"),
                 "models": self.plane.names(),
+                "workers": cfg.front_ends(),
             },
         )
+
+    def _services(self) -> grpc.aio.Server:
+        """The gRPC server with every service; with several workers, also the front ends' supervisor."""
+        cfg = self.config
+        limit = cfg.max_message_bytes
+        server = grpc.aio.server(
+            interceptors=auth.interceptors(cfg.auth_token),
+            options=[
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        workers = cfg.front_ends()
+        if workers > 1:
+            self._private = tempfile.TemporaryDirectory(prefix="hrnet-serve-")
+            owner = f"unix:{self._private.name}/owner.sock"
+            self.frontends = FrontEnds(cfg, workers, self.plane, self.regions, self.metrics, owner)
+        regions_changed = self.frontends.publish_regions if self.frontends else None
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            KServeServicer(self.plane, self.regions, regions_changed), server
+        )
+        classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.plane), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        return server
+
+    def _bind_grpc(self) -> None:
+        """Bind the gRPC port; with front ends, check it is free for them and take a private socket."""
+        cfg = self.config
+        assert self._grpc is not None
+        if self.frontends is not None:
+            self.port = check_port_free(cfg.host, cfg.port)
+            self._grpc.add_insecure_port(self.frontends.owner_address)
+            return
+        try:
+            self.port = auth.bind(
+                self._grpc, f"{cfg.host}:{cfg.port}", cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca
+            )
+        except RuntimeError:
+            self.port = 0
+        if not self.port:
+            raise ListenError(f"cannot listen on {cfg.host}:{cfg.port} (in use or not permitted)")
 
     async def _listen(self) -> None:
         """The REST port (same TLS and token as gRPC) and the metrics port, when configured."""
@@ -166,6 +210,12 @@ class Server:
         self._listeners.clear()
         self.plane.close()
         await self.plane.tracing.close()
+        self._remove_private()
+
+    def _remove_private(self) -> None:
+        if self._private is not None:
+            self._private.cleanup()
+            self._private = None
 
     def _load_models(self) -> list[LoadedModel]:
         cfg = self.config
@@ -173,7 +223,7 @@ class Server:
             sources = [single_model(Path(cfg.model), cfg.model_name, cfg.model_defaults)]
         else:
             sources = scan_repository(Path(cfg.repo), cfg.model_defaults)
-        return [load_model(s, self.metrics, cfg.preprocess_workers, cfg.max_image_pixels) for s in sources]
+        return [load_model(s, self.metrics, cfg.decode_threads(), cfg.max_image_pixels) for s in sources]
 
     async def stop(self, grace_s: float | None = None) -> bool:
         """Drain and stop. True when all accepted work finished within the grace period."""
@@ -181,10 +231,17 @@ class Server:
             return True
         grace_s = self.config.grace_period_s if grace_s is None else grace_s
         started = time.monotonic()
+
+        def left() -> float:
+            return max(0.0, grace_s - (time.monotonic() - started))
+
         await self._set_health(NOT_SERVING, self.plane.names())
-        drained = await self.plane.drain(grace_s)
+        handed_over = await self.frontends.drain(grace_s) if self.frontends else True
+        drained = await self.plane.drain(left()) and handed_over
         # Responses of drained work are still being written: give them a moment before closing.
-        await self._grpc.stop(max(1.0, grace_s - (time.monotonic() - started)))
+        if self.frontends is not None:
+            await self.frontends.stop(max(1.0, left()))
+        await self._grpc.stop(max(1.0, left()))
         await self._close()
         self._grpc = None
         log.info("stopped", extra={"drained": drained, "seconds": round(time.monotonic() - started, 2)})
@@ -239,3 +296,17 @@ class Server:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop_background()
+
+
+def check_port_free(host: str, port: int) -> int:
+    """`port` (0: any) if nothing listens on it, checked without SO_REUSEPORT, which the front
+    ends then bind with: they must not join another server that happens to use the port."""
+    address = host.strip("[]") or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {host}:{port} ({exc.strerror})") from None
+        return int(probe.getsockname()[1])

@@ -339,6 +339,12 @@ class DataPlane:
         results = await asyncio.gather(*(m.batcher.close(grace_s) for m in self.models))
         return all(results)
 
+    def account(self, name: str, version: str, code: str, seconds: float) -> None:
+        """Count a request that failed in a front-end process before it reached this plane."""
+        model = self._models.get(name, {}).get(version)
+        if model is not None:
+            model.stats.request_done(code, seconds)
+
     def close(self) -> None:
         for model in self.models:
             model.preprocessor.close()

@@ -161,6 +161,7 @@ def serving_config(repo: Path, **overrides: Any) -> Any:
     model = {k: overrides.pop(k) for k in list(overrides) if k in model_keys}
     defaults = ModelConfig(**model)
     defaults = replace(defaults, batching=replace(defaults.batching, **batching))
+    # One process unless a test asks for front-end processes (the default depends on the cores).
     base = {
         "host": "127.0.0.1",
         "port": 0,
@@ -168,6 +169,7 @@ def serving_config(repo: Path, **overrides: Any) -> Any:
         "metrics_port": 0,
         "log_format": "text",
         "grace_period_s": 5.0,
+        "workers": 1,
     }
     return ServerConfig(**{**base, "repo": str(repo), **overrides, "model_defaults": defaults})
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,23 @@ def _check_ranked(ranked: list[list[str]], expected: np.ndarray) -> None:
 
 
 def test_tritonclient_grpc_works_unchanged(grpc_server, model_repo, digit_images, tmp_path) -> None:
-    seen, expected = _probe(PROBE, grpc_server.address, model_repo, digit_images, tmp_path)
+    check_grpc_probe(*_probe(PROBE, grpc_server.address, model_repo, digit_images, tmp_path))
+
+
+def test_tritonclient_through_several_front_end_processes(
+    start_server, model_repo, digit_images, tmp_path
+) -> None:
+    """The same client session against 2 workers: registration, streams and statistics included."""
+    repo = tmp_path / "repo"
+    (repo / "hrnet" / "1").mkdir(parents=True)
+    shutil.copy(model_repo.onnx, repo / "hrnet" / "1" / "model.onnx")
+    running = start_server(repo, workers=2)
+    check_grpc_probe(*_probe(PROBE, running.address, model_repo, digit_images, tmp_path))
+    assert running.metric("hrnet_frontend_requests_total") >= 10
+
+
+def check_grpc_probe(seen: dict, expected: np.ndarray) -> None:
+    """What triton_probe.py saw, against onnxruntime's logits for the same three digits."""
     assert seen["live"] and seen["ready"] and seen["model_ready"]
     assert "classification" in seen["server_metadata"]["extensions"]
     assert seen["model_metadata"]["inputs"] == [

@@ -1,0 +1,453 @@
+"""A front-end process: gRPC parsing, tensor conversion and image decoding, beside its peers.
+
+With `--workers N` (N > 1) the server is N of these on one port (SO_REUSEPORT: the kernel
+spreads connections over them) plus the process that owns the models (serving/supervisor.py).
+A front end serves the inference RPCs itself: it decodes the request, checks it against the
+model and converts or decodes the input straight into a block of its shared arena
+(serving/ipc.py), then sends the owner a small message naming the block. The owner runs it
+through `DataPlane.infer`, so batching stays global per model, and writes the logits back
+into the block. Every other RPC (health, readiness, metadata, config, statistics, shared-memory
+registration) is forwarded to the owner over a private Unix socket: one process answers them,
+so there is one truth about readiness and statistics. A front end follows the owner: it loads
+its catalog of models and shared-memory regions from it, drains and stops when told, and
+exits when the owner is gone. SIGINT and SIGTERM are the owner's to handle.
+
+    python -m serving.frontend --link FD --arena FD --index I   (started by the supervisor)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import logging
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
+
+from protos import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2
+from serving import auth
+from serving.classifier import ClassifierServicer
+from serving.config import ServerConfig
+from serving.errors import (
+    InvalidArgument,
+    Relayed,
+    ResourceExhausted,
+    ServingError,
+    Unavailable,
+)
+from serving.ipc import Allocator, Arena, Link, aligned, open_link
+from serving.kserve import KServeInference
+from serving.logs import configure
+from serving.preprocess import ImagePreprocessor
+from serving.service import InferInput, ModelView, check_input, convert_input, deadline_after, resolve
+from serving.shm import RegionInfo, SharedMemoryRegistry
+from serving.tracing import Tracing
+
+log = logging.getLogger(__name__)
+KSERVE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+CLASSIFIER = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"]
+# Served here; everything else goes to the owner.
+LOCAL = frozenset(
+    f"/{service.full_name}/{name}"
+    for service, names in (
+        (KSERVE, ("ModelInfer", "ModelStreamInfer")),
+        (CLASSIFIER, ("Classify", "ClassifyStream")),
+    )
+    for name in names
+)
+# Call metadata that belongs to the hop, not to the call: not forwarded.
+HOP_HEADERS = frozenset({"user-agent", "content-type", "te", "host"})
+
+
+@dataclass(frozen=True)
+class Block:
+    """A request's part of the arena: its model input, then room for its logits."""
+
+    offset: int
+    nbytes: int
+    output_offset: int
+
+
+class FrontPlane:
+    """The inference plane of a front end: requests in the arena, answers from the owner."""
+
+    def __init__(self, link: Link, arena: Arena, decode_threads: int) -> None:
+        self.link = link
+        self.arena = arena
+        self.allocator = Allocator(arena.size)
+        self.decode_threads = decode_threads
+        self.tracing = Tracing()  # off: spans would need the owner's half of each request
+        self.accepting = False
+        self._models: dict[str, dict[str, ModelView]] = {}
+        self._preprocessors: dict[tuple[str, str], ImagePreprocessor] = {}
+        self._pending: dict[int, asyncio.Future[tuple[Any, ...]]] = {}
+        self._ids = itertools.count()
+        self._preparing = 0
+        self._prepared = asyncio.Event()
+
+    def set_models(self, views: list[ModelView]) -> None:
+        models: dict[str, dict[str, ModelView]] = {}
+        for view in views:
+            models.setdefault(view.name, {})[view.version] = view
+            if (view.name, view.version) not in self._preprocessors:
+                self._preprocessors[view.name, view.version] = ImagePreprocessor(
+                    view.spec, self.decode_threads, view.max_image_pixels
+                )
+        for key in set(self._preprocessors) - {(v.name, v.version) for v in views}:
+            self._preprocessors.pop(key).close()
+        self._models = models
+        self.accepting = True
+
+    def get(self, name: str, version: str = "") -> ModelView:
+        if not self.accepting:
+            raise Unavailable("the server is starting or shutting down; retry")
+        return resolve(self._models, name, version)
+
+    def deadline(self, model: ModelView, timeout_s: float | None) -> float | None:
+        return deadline_after(time.monotonic(), timeout_s, model.default_timeout_us)
+
+    async def infer(
+        self, model: ModelView, payload: InferInput, deadline: float | None = None, priority: int = 0
+    ) -> np.ndarray:
+        """Like DataPlane.infer, which the owner runs on what this process prepared."""
+        if not self.accepting:
+            raise Unavailable(f"model {model.name!r} is not accepting requests (server shutting down)")
+        arrived = time.monotonic()
+        self._preparing += 1
+        try:
+            block, tensor = await self._prepare(model, payload)
+        except BaseException as exc:  # counted where the statistics live, as DataPlane counts it
+            code = exc.code if isinstance(exc, ServingError) else "INTERNAL"
+            code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else code
+            self.link.send(("failed", model.name, model.version, code, time.monotonic() - arrived))
+            raise
+        finally:
+            self._preparing -= 1
+            if not self._preparing:
+                self._prepared.set()
+        return await self._submit(model, block, tensor.shape, deadline, priority, arrived)
+
+    async def _prepare(self, model: ModelView, payload: InferInput) -> tuple[Block, np.ndarray]:
+        size = model.spec.input_size
+        rows = check_input(model.name, model.input, size, payload)
+        shape = (rows, 3, size, size)
+        input_bytes = aligned(int(np.prod(shape)) * model.input.dtype.itemsize)
+        nbytes = input_bytes + rows * model.num_classes * np.dtype(np.float32).itemsize
+        if nbytes > self.arena.size:
+            raise InvalidArgument(
+                f"the request needs {nbytes / 2**20:.1f} MiB of front-end buffer, more than its "
+                f"{self.arena.size / 2**20:.0f} MiB (frontend_buffer_mb); send fewer images per request"
+            )
+        offset = self.allocator.allocate(nbytes)
+        if offset is None:
+            raise ResourceExhausted(
+                f"front-end buffer full ({self.allocator.free_bytes} of {self.arena.size} bytes free, "
+                f"{nbytes} needed); retry later"
+            )
+        block = Block(offset, nbytes, offset + input_bytes)
+        try:
+            tensor = self.arena.array(offset, shape, model.input.dtype)
+            await convert_input(
+                payload, self._preprocessors[model.name, model.version], model.input.dtype, tensor
+            )
+        except BaseException:
+            self.allocator.free(block.offset, block.nbytes)
+            raise
+        return block, tensor
+
+    async def _submit(
+        self,
+        model: ModelView,
+        block: Block,
+        shape: tuple[int, ...],
+        deadline: float | None,
+        priority: int,
+        arrived: float,
+    ) -> np.ndarray:
+        if self.link.closed:
+            self.allocator.free(block.offset, block.nbytes)
+            raise Unavailable("the server's model process is gone")
+        request_id = next(self._ids)
+        answer = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = answer
+        self.link.send(
+            (
+                "infer",
+                request_id,
+                model.name,
+                model.version,
+                block.offset,
+                shape,
+                model.input.dtype.str,
+                block.output_offset,
+                deadline,
+                priority,
+                arrived,
+            )
+        )
+        try:
+            reply = await asyncio.shield(answer)
+        except asyncio.CancelledError:
+            # The owner may still be reading the block: it is freed only when the owner answers.
+            self.link.send(("cancel", request_id))
+            answer.add_done_callback(lambda _: self.allocator.free(block.offset, block.nbytes))
+            raise
+        try:
+            if reply[0] == "done":
+                return self.arena.array(block.output_offset, reply[2], np.float32).copy()
+            code, message = reply[2:4] if reply[0] == "error" else ("CANCELLED", "cancelled by the server")
+            raise Relayed(code, message)
+        finally:
+            self.allocator.free(block.offset, block.nbytes)
+
+    def answer(self, reply: tuple[Any, ...]) -> None:
+        """The owner's answer: ("done", id, shape), ("error", id, code, message) or ("cancelled", id)."""
+        future = self._pending.pop(reply[1], None)
+        if future is not None and not future.done():
+            future.set_result(reply)
+
+    def owner_lost(self) -> None:
+        self.accepting = False
+        gone = ("error", -1, "UNAVAILABLE", "the server's model process is gone")
+        for future in self._pending.values():
+            if not future.done():
+                future.set_result(gone)
+        self._pending.clear()
+
+    async def drain(self) -> None:
+        """Refuse new requests; return once every accepted one has been handed to the owner."""
+        self.accepting = False
+        if self._preparing:
+            self._prepared.clear()
+            await self._prepared.wait()
+
+    def close(self) -> None:
+        for preprocessor in self._preprocessors.values():
+            preprocessor.close()
+
+
+def _all_methods() -> dict[str, tuple[bool, bool]]:
+    """Every method the server offers: path -> (client streaming, server streaming)."""
+    services = [
+        KSERVE,
+        CLASSIFIER,
+        health_pb2.DESCRIPTOR.services_by_name["Health"],
+        reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+    ]
+    return {
+        f"/{s.full_name}/{m.name}": (m.client_streaming, m.server_streaming)
+        for s in services
+        for m in s.methods
+    }
+
+
+class Forwarder(grpc.GenericRpcHandler):
+    """Relays every RPC not served here to the owner, bytes in and bytes out, status and all."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._channel = channel
+        self._methods = {path: kind for path, kind in _all_methods().items() if path not in LOCAL}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        path = handler_call_details.method
+        kind = self._methods.get(path)
+        if kind is None:
+            return None
+        if kind == (False, False):
+            return grpc.unary_unary_rpc_method_handler(self._unary(path))
+        if kind == (False, True):
+            return grpc.unary_stream_rpc_method_handler(self._unary_stream(path))
+        return grpc.stream_stream_rpc_method_handler(self._stream_stream(path))
+
+    @staticmethod
+    def _call_options(context: grpc.aio.ServicerContext) -> dict[str, Any]:
+        metadata = tuple(
+            (key, value)
+            for key, value in context.invocation_metadata() or ()
+            if key not in HOP_HEADERS and not key.startswith((":", "grpc-"))
+        )
+        return {"timeout": context.time_remaining(), "metadata": metadata}
+
+    def _unary(self, path: str) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]:
+        call = self._channel.unary_unary(path)
+
+        async def relay(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            try:
+                return await call(request, **self._call_options(context))
+            except grpc.aio.AioRpcError as exc:
+                await context.abort(exc.code(), exc.details() or "")  # raises
+
+        return relay
+
+    def _unary_stream(self, path: str) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[bytes]]:
+        call = self._channel.unary_stream(path)
+
+        async def relay(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            try:
+                async for response in call(request, **self._call_options(context)):
+                    yield response
+            except grpc.aio.AioRpcError as exc:
+                await context.abort(exc.code(), exc.details() or "")
+
+        return relay
+
+    def _stream_stream(
+        self, path: str
+    ) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], AsyncIterator[bytes]]:
+        call = self._channel.stream_stream(path)
+
+        async def relay(
+            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[bytes]:
+            try:
+                async for response in call(requests, **self._call_options(context)):
+                    yield response
+            except grpc.aio.AioRpcError as exc:
+                await context.abort(exc.code(), exc.details() or "")
+
+        return relay
+
+
+def _inference_handlers(kserve: KServeInference) -> grpc.GenericRpcHandler:
+    pb = grpc_service_pb2
+    return grpc.method_handlers_generic_handler(
+        KSERVE.full_name,
+        {
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(
+                kserve.ModelInfer, pb.ModelInferRequest.FromString, pb.ModelInferResponse.SerializeToString
+            ),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+                kserve.ModelStreamInfer,
+                pb.ModelInferRequest.FromString,
+                pb.ModelStreamInferResponse.SerializeToString,
+            ),
+        },
+    )
+
+
+class FrontEnd:
+    """One front-end process: its gRPC server, its plane and its link to the owner."""
+
+    def __init__(self, link_fd: int, arena_fd: int, index: int) -> None:
+        self.index = index
+        self._link_fd = link_fd
+        self._arena_fd = arena_fd
+        self._first: asyncio.Future[tuple[Any, ...]] | None = None
+        self._stop: asyncio.Future[float] | None = None
+        self.plane: FrontPlane | None = None
+        self.regions: SharedMemoryRegistry | None = None
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._first, self._stop = loop.create_future(), loop.create_future()
+        link = await open_link(socket.socket(fileno=self._link_fd), self._on_message, self._on_lost)
+        try:
+            _, config, owner_address, port, arena_size = await self._first
+        except ConnectionError:
+            return 1
+        configure(config.log_format, config.log_level)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(self._tag)
+        self.regions = SharedMemoryRegistry(config.max_message_bytes)
+        self.plane = FrontPlane(link, Arena(self._arena_fd, arena_size), config.decode_threads())
+        async with grpc.aio.insecure_channel(owner_address, options=_limits(config)) as owner:
+            server = self._server(config, owner)
+            try:
+                bound = auth.bind(
+                    server, f"{config.host}:{port}", config.tls_cert, config.tls_key, config.tls_client_ca
+                )
+            except (RuntimeError, ServingError) as exc:
+                bound, reason = 0, str(exc)
+            else:
+                reason = "in use or not permitted"
+            if not bound:
+                link.send(("failed_start", f"cannot listen on {config.host}:{port} ({reason})"))
+                return 2
+            await server.start()
+            link.send(("listening",))
+            grace_s = await self._stop
+            await server.stop(grace_s)
+        self.plane.close()
+        link.close()
+        return 0
+
+    def _tag(self, record: logging.LogRecord) -> bool:
+        """Every log line of this process names it: `worker` I."""
+        record.worker = self.index
+        return True
+
+    def _server(self, config: ServerConfig, owner: grpc.aio.Channel) -> grpc.aio.Server:
+        assert self.plane is not None and self.regions is not None
+        server = grpc.aio.server(
+            interceptors=auth.interceptors(config.auth_token),
+            options=[*_limits(config), ("grpc.so_reuseport", 1)],
+        )
+        server.add_generic_rpc_handlers([_inference_handlers(KServeInference(self.plane, self.regions))])
+        classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.plane), server)
+        server.add_generic_rpc_handlers([Forwarder(owner)])
+        return server
+
+    def _on_message(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "config":
+            assert self._first is not None
+            self._first.set_result(message)
+        elif kind in ("done", "error", "cancelled"):
+            assert self.plane is not None
+            self.plane.answer(message)
+        elif kind == "models":
+            assert self.plane is not None
+            self.plane.set_models(message[2])
+            self.plane.link.send(("ack", message[1]))
+        elif kind == "regions":
+            assert self.regions is not None and self.plane is not None
+            self.regions.mirror([RegionInfo(*info) for info in message[2]])
+            self.plane.link.send(("ack", message[1]))
+        elif kind == "drain":
+            asyncio.get_running_loop().create_task(self._drain(message[1]))
+        elif kind == "stop" and self._stop is not None and not self._stop.done():
+            self._stop.set_result(message[1])
+
+    async def _drain(self, seq: int) -> None:
+        assert self.plane is not None
+        await self.plane.drain()
+        self.plane.link.send(("ack", seq))
+
+    def _on_lost(self) -> None:
+        """The owner is gone (it exited or died): nothing can be answered; stop at once."""
+        if self.plane is not None:
+            self.plane.owner_lost()
+        if self._first is not None and not self._first.done():
+            self._first.set_exception(ConnectionError("the owner closed the link before configuring us"))
+        if self._stop is not None and not self._stop.done():
+            self._stop.set_result(0.0)
+
+
+def _limits(config: ServerConfig) -> list[tuple[str, int]]:
+    limit = config.max_message_bytes
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serving.frontend", description=__doc__)
+    parser.add_argument("--link", type=int, required=True, help="socket to the owner (inherited fd)")
+    parser.add_argument("--arena", type=int, required=True, help="shared memory (inherited memfd)")
+    parser.add_argument("--index", type=int, required=True)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return asyncio.run(FrontEnd(args.link, args.arena, args.index).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

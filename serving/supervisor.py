@@ -1,0 +1,266 @@
+"""The model owner's side of the front-end processes (`--workers N`, N > 1; serving/frontend.py).
+
+Starts them (each with a socket pair and a memfd arena, on the server's port), feeds them the
+catalog of models and shared-memory regions, runs the requests they hand over through
+`DataPlane.infer` with the input read in place from their arena, and writes the logits back.
+It notices a front end that dies (its link closes): the requests it had handed over are
+cancelled, its arena released once the batcher is done with them, and a new one is started in
+its place. On shutdown it tells them to stop taking requests and to hand over the ones they
+accepted (drain), and once the data plane has answered those, to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from serving.config import MiB, ServerConfig
+from serving.errors import ServingError, StartError
+from serving.ipc import Arena, Link, open_link
+from serving.metrics import ServerMetrics
+from serving.service import DataPlane, InferInput
+from serving.shm import SharedMemoryRegistry
+
+log = logging.getLogger(__name__)
+START_TIMEOUT_S = 60.0
+CALL_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 10.0  # beyond the grace period, before SIGKILL
+RESTART_BACKOFF_S = (0.5, 30.0)  # first delay, cap
+
+
+@dataclass(eq=False)
+class _FrontEnd:
+    index: int
+    process: subprocess.Popen
+    arena: Arena
+    link: Link | None = None
+    listening: asyncio.Future[None] | None = None
+    tasks: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    calls: dict[int, asyncio.Future[None]] = field(default_factory=dict)
+
+
+class FrontEnds:
+    """`count` front-end processes serving `port`, handing their requests to `plane`."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        count: int,
+        plane: DataPlane,
+        regions: SharedMemoryRegistry,
+        metrics: ServerMetrics | None,
+        owner_address: str,
+    ) -> None:
+        self.config = config
+        self.count = count
+        self.plane = plane
+        self.regions = regions
+        self.metrics = metrics
+        self.owner_address = owner_address
+        self.port = 0
+        self._front_ends: dict[int, _FrontEnd] = {}
+        self._seq = itertools.count()
+        self._stopping = False
+        self._published = False
+        self._restarts: set[asyncio.Task[None]] = set()
+
+    def pids(self) -> list[int]:
+        return [fe.process.pid for fe in self._front_ends.values()]
+
+    async def start(self, port: int) -> None:
+        """Start every front end and wait until each listens; a StartError (all stopped) otherwise."""
+        self.port = port
+        try:
+            await asyncio.gather(*(self._start_one(i) for i in range(self.count)))
+        except BaseException:
+            await self.stop(0.0)
+            raise
+
+    async def _start_one(self, index: int) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        arena = Arena.create(self.config.frontend_buffer_mb * MiB, f"hrnet-frontend-{index}")
+        command = [sys.executable, "-m", "serving.frontend"]
+        command += ["--link", str(child.fileno()), "--arena", str(arena.fd), "--index", str(index)]
+        with child:
+            process = subprocess.Popen(command, pass_fds=(child.fileno(), arena.fd))
+        fe = _FrontEnd(index, process, arena)
+        fe.listening = asyncio.get_running_loop().create_future()
+        self._front_ends[index] = fe
+        fe.link = await open_link(parent, lambda m: self._on_message(fe, m), lambda: self._on_lost(fe))
+        fe.link.send(("config", self.config, self.owner_address, self.port, arena.size))
+        try:
+            await asyncio.wait_for(asyncio.shield(fe.listening), START_TIMEOUT_S)
+        except TimeoutError:
+            raise StartError(
+                f"front-end process {index} did not start within {START_TIMEOUT_S:.0f} s"
+            ) from None
+        if self._published:  # a replacement: it needs what the others already have
+            await asyncio.gather(
+                self._call(fe, "models", self._models()), self._call(fe, "regions", self._regions())
+            )
+        log.info("front end listening", extra={"worker": index, "pid": process.pid, "port": self.port})
+
+    def _models(self) -> list[Any]:
+        return [model.view() for model in self.plane.models]
+
+    def _regions(self) -> list[tuple[str, str, int, int]]:
+        return [(r.name, r.key, r.offset, r.byte_size) for r in self.regions.status()]
+
+    async def publish_models(self) -> None:
+        self._published = True
+        models = self._models()
+        await asyncio.gather(*(self._call(fe, "models", models) for fe in self._live()))
+
+    async def publish_regions(self) -> None:
+        """Every front end holds the new registry before the RPC that changed it returns."""
+        regions = self._regions()
+        await asyncio.gather(*(self._call(fe, "regions", regions) for fe in self._live()))
+
+    async def drain(self, grace_s: float) -> bool:
+        """Front ends refuse new requests and hand over what they accepted; True when all did."""
+        self._stopping = True
+        for task in self._restarts:
+            task.cancel()
+        calls = [self._call(fe, "drain", timeout_s=grace_s) for fe in self._live()]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        return not any(isinstance(r, BaseException) for r in results)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop every front end (they finish sending their responses within `grace_s`), then reap."""
+        self._stopping = True
+        for task in self._restarts:
+            task.cancel()
+        for fe in self._live():
+            assert fe.link is not None
+            fe.link.send(("stop", grace_s))
+        await asyncio.gather(*(self._reap(fe, grace_s + STOP_TIMEOUT_S) for fe in self._front_ends.values()))
+
+    def _live(self) -> list[_FrontEnd]:
+        return [fe for fe in self._front_ends.values() if fe.link is not None and not fe.link.closed]
+
+    async def _call(self, fe: _FrontEnd, kind: str, *args: Any, timeout_s: float = CALL_TIMEOUT_S) -> None:
+        """Send one message and wait for the front end's acknowledgement."""
+        assert fe.link is not None
+        seq = next(self._seq)
+        done = asyncio.get_running_loop().create_future()
+        fe.calls[seq] = done
+        fe.link.send((kind, seq, *args))
+        try:
+            await asyncio.wait_for(done, timeout_s)
+        finally:
+            fe.calls.pop(seq, None)
+
+    def _on_message(self, fe: _FrontEnd, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "infer":
+            task = asyncio.get_running_loop().create_task(self._infer(fe, *message[1:]))
+            fe.tasks[message[1]] = task
+        elif kind == "cancel":
+            task = fe.tasks.get(message[1])
+            if task is not None:
+                task.cancel()
+        elif kind == "failed":
+            self.plane.account(*message[1:])
+        elif kind == "ack":
+            done = fe.calls.get(message[1])
+            if done is not None and not done.done():
+                done.set_result(None)
+        elif kind == "listening" and fe.listening is not None and not fe.listening.done():
+            fe.listening.set_result(None)
+        elif kind == "failed_start" and fe.listening is not None and not fe.listening.done():
+            fe.listening.set_exception(StartError(message[1]))
+
+    async def _infer(
+        self,
+        fe: _FrontEnd,
+        request_id: int,
+        name: str,
+        version: str,
+        offset: int,
+        shape: tuple[int, ...],
+        dtype: str,
+        output_offset: int,
+        deadline: float | None,
+        priority: int,
+        arrived: float,
+    ) -> None:
+        if self.metrics:
+            self.metrics.frontend_requests.labels(str(fe.index)).inc()
+        try:
+            model = self.plane.get(name, version)
+            tensor = fe.arena.array(offset, shape, dtype)
+            logits = await self.plane.infer(model, InferInput(tensor=tensor), deadline, priority, arrived)
+            if logits.shape != (shape[0], len(model.labels)):
+                raise ServingError(f"the model returned logits of shape {list(logits.shape)}")
+            fe.arena.array(output_offset, logits.shape, np.float32)[...] = logits
+            reply: tuple[Any, ...] = ("done", request_id, logits.shape)
+        except asyncio.CancelledError:  # the front end's caller went away; we cancelled it ourselves
+            reply = ("cancelled", request_id)
+        except ServingError as exc:
+            reply = ("error", request_id, exc.code, str(exc))
+        except Exception as exc:
+            log.exception("request from a front end failed")
+            reply = ("error", request_id, "INTERNAL", f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            fe.tasks.pop(request_id, None)
+        assert fe.link is not None
+        fe.link.send(reply)
+
+    def _on_lost(self, fe: _FrontEnd) -> None:
+        if fe.listening is not None and not fe.listening.done():
+            fe.listening.set_exception(StartError(f"front-end process {fe.index} exited during start"))
+        for done in fe.calls.values():
+            if not done.done():
+                done.set_exception(ConnectionError(f"front-end process {fe.index} is gone"))
+        for task in fe.tasks.values():
+            task.cancel()
+        loop = asyncio.get_running_loop()
+        if self._stopping or not self._published:
+            return
+        restart = loop.create_task(self._replace(fe))
+        self._restarts.add(restart)
+        restart.add_done_callback(self._restarts.discard)
+
+    async def _replace(self, fe: _FrontEnd) -> None:
+        """A front end died while serving: log it, count it, and start another in its place."""
+        code = await self._reap(fe, STOP_TIMEOUT_S)
+        log.error(
+            "front end died; starting another",
+            extra={"worker": fe.index, "pid": fe.process.pid, "exit": code},
+        )
+        if self.metrics:
+            self.metrics.frontend_restarts.inc()
+        delay, cap = RESTART_BACKOFF_S
+        while not self._stopping:
+            try:
+                await self._start_one(fe.index)
+                return
+            except (StartError, ConnectionError, OSError) as exc:
+                log.error("front end restart failed", extra={"worker": fe.index, "error": str(exc)})
+                await self._reap(self._front_ends[fe.index], STOP_TIMEOUT_S)
+                await asyncio.sleep(delay)
+                delay = min(cap, delay * 2)
+
+    async def _reap(self, fe: _FrontEnd, timeout_s: float) -> int | None:
+        """Wait for the process to exit (SIGKILL after `timeout_s`), then release its arena."""
+        try:
+            code = await asyncio.wait_for(asyncio.to_thread(fe.process.wait), timeout_s)
+        except TimeoutError:
+            fe.process.kill()
+            code = await asyncio.to_thread(fe.process.wait)
+        if fe.tasks:  # the batcher may still read their rows: the arena waits for them
+            await asyncio.gather(*fe.tasks.values(), return_exceptions=True)
+        if fe.link is not None:
+            fe.link.close()
+        with contextlib.suppress(Exception):
+            fe.arena.close()
+        return code
