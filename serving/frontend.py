@@ -87,7 +87,8 @@ class FrontPlane:
         self.allocator = Allocator(arena.size)
         self.decode_threads = decode_threads
         self.tracing = Tracing()  # off: spans would need the owner's half of each request
-        self.accepting = False
+        self.accepting = False  # until the owner sends the models; never again once draining
+        self._draining = False
         self._models: dict[str, dict[str, ModelView]] = {}
         self._preprocessors: dict[tuple[str, str], ImagePreprocessor] = {}
         self._pending: dict[int, asyncio.Future[tuple[Any, ...]]] = {}
@@ -106,7 +107,7 @@ class FrontPlane:
         for key in set(self._preprocessors) - {(v.name, v.version) for v in views}:
             self._preprocessors.pop(key).close()
         self._models = models
-        self.accepting = True
+        self.accepting = not self._draining
 
     def get(self, name: str, version: str = "") -> ModelView:
         if not self.accepting:
@@ -226,6 +227,7 @@ class FrontPlane:
 
     async def drain(self) -> None:
         """Refuse new requests; return once every accepted one has been handed to the owner."""
+        self._draining = True
         self.accepting = False
         if self._preparing:
             self._prepared.clear()

@@ -48,10 +48,13 @@ class Arena:
         return np.ndarray(shape, np.dtype(dtype), buffer=self._map, offset=offset)
 
     def close(self) -> None:
+        """Unmap and close, once: a second close must not hit a descriptor number reused since."""
+        if self.fd < 0:
+            return
         with contextlib.suppress(BufferError):  # arrays still alive keep the mapping until they go
             self._map.close()
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        os.close(self.fd)
+        self.fd = -1
 
 
 class Allocator:

@@ -12,7 +12,6 @@ accepted (drain), and once the data plane has answered those, to stop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import socket
@@ -261,6 +260,5 @@ class FrontEnds:
             await asyncio.gather(*fe.tasks.values(), return_exceptions=True)
         if fe.link is not None:
             fe.link.close()
-        with contextlib.suppress(Exception):
-            fe.arena.close()
+        fe.arena.close()
         return code
