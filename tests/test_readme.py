@@ -67,7 +67,7 @@ HERE: dict[str, Here] = {
 
 WITH_SERVER: dict[str, WithServer] = {
     r"curl -s localhost:8000/v2/health/ready -o /dev/null -w .*": WithServer("200"),
-    r"curl -s localhost:8000/v2/models/digits": WithServer('"datatypes": "FP32,FP16,BYTES"'),
+    r"curl -s localhost:8000/v2/models/digits": WithServer('"datatypes": "FP32,FP16,UINT8,BYTES"'),
     r"echo .* > request\.json": WithServer(""),
     r"curl -s localhost:8000/v2/models/digits/infer -d @request\.json": WithServer('"shape":[1,3]'),
     r"curl -s localhost:8000/v2/models/digits/stats": WithServer('"inference_count": 1,'),

@@ -94,7 +94,7 @@ def test_health_metadata_config_and_statistics_are_grpc_answers_as_json(base, ks
     image = metadata["inputs"][0]
     assert (image["name"], image["datatype"], image["shape"]) == ("image", "FP32", [-1, 3, 32, 32])
     # The truth about what the input takes, over gRPC too: FP16 and encoded images as well.
-    assert image["parameters"]["datatypes"] == "FP32,FP16,BYTES"
+    assert image["parameters"]["datatypes"] == "FP32,FP16,UINT8,BYTES"
     assert image["parameters"]["bytes_shape"] == "[-1]"
     assert "PNG" in image["parameters"]["bytes_content"]
     assert metadata["outputs"][0]["shape"] == [-1, 10]
@@ -102,7 +102,7 @@ def test_health_metadata_config_and_statistics_are_grpc_answers_as_json(base, ks
 
     config = json.loads(call(f"{base}/v2/models/hrnet/config")[2])
     assert config["max_batch_size"] == 16 and config["input"][0]["dims"] == [3, 32, 32]
-    assert config["parameters"]["input_datatypes"] == {"string_value": "FP32,FP16,BYTES"}
+    assert config["parameters"]["input_datatypes"] == {"string_value": "FP32,FP16,UINT8,BYTES"}
     assert config["input"][0]["data_type"] == "TYPE_FP32"
 
     stats = json.loads(call(f"{base}/v2/models/hrnet/stats")[2])["model_stats"]
@@ -213,7 +213,7 @@ def test_json_and_binary_tensors_agree_with_onnxruntime(base, reference) -> None
             b'{"inputs": [{"name": "image", "datatype": "INT8", "shape": [1], "data": [1]}]}',
             {},
             400,
-            "datatype 'INT8' not supported; use FP32, FP16 or BYTES",
+            "datatype 'INT8' not supported; use FP32, FP16, UINT8 or BYTES",
         ),
         (
             "/v2/models/hrnet/infer",
