@@ -34,6 +34,7 @@ class BackgroundLoop:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.loop.shutdown_asyncgens()
+            await self.loop.shutdown_default_executor()  # as asyncio.run does: no thread outlives it
 
         with contextlib.suppress(Exception):
             self.run(cancel_the_rest(), timeout_s)

@@ -17,6 +17,7 @@ import logging
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ START_TIMEOUT_S = 60.0
 CALL_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0  # beyond the grace period, before SIGKILL
 RESTART_BACKOFF_S = (0.5, 30.0)  # first delay, cap
+REAP_POLL_S = 0.02
 
 
 @dataclass(eq=False)
@@ -250,12 +252,16 @@ class FrontEnds:
                 delay = min(cap, delay * 2)
 
     async def _reap(self, fe: _FrontEnd, timeout_s: float) -> int | None:
-        """Wait for the process to exit (SIGKILL after `timeout_s`), then release its arena."""
-        try:
-            code = await asyncio.wait_for(asyncio.to_thread(fe.process.wait), timeout_s)
-        except TimeoutError:
-            fe.process.kill()
-            code = await asyncio.to_thread(fe.process.wait)
+        """Wait for the process to exit (SIGKILL after `timeout_s`), then release its arena.
+
+        Polled, not waited for on a thread: a stopped server leaves no thread behind.
+        """
+        deadline = time.monotonic() + timeout_s
+        while (code := fe.process.poll()) is None:
+            if time.monotonic() > deadline:
+                fe.process.kill()
+                deadline = float("inf")
+            await asyncio.sleep(REAP_POLL_S)
         if fe.tasks:  # the batcher may still read their rows: the arena waits for them
             await asyncio.gather(*fe.tasks.values(), return_exceptions=True)
         if fe.link is not None:

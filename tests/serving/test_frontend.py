@@ -248,3 +248,20 @@ def test_the_benchmark_compares_process_counts_and_reads_their_cpu(repo, capsys)
     ]
     assert [row[0] for row in rows] == ["1", "2"]
     assert float(rows[0][-1]) == 0 and float(rows[1][-1]) > 0  # only workers 2 has front-end processes
+
+
+def test_the_token_is_checked_in_the_workers_and_travels_with_forwarded_calls(start_server, repo) -> None:
+    running = start_server(repo, workers=2, auth_token="s3cret")
+    token = (("authorization", "Bearer s3cret"),)
+    with grpc.insecure_channel(running.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for call, request in [
+            (stub.ModelInfer, _infer_request(np.zeros(SHAPE, np.float32))),  # served by the worker
+            (stub.ModelMetadata, pb.ModelMetadataRequest(name="hrnet")),  # forwarded to the owner
+        ]:
+            with pytest.raises(grpc.RpcError) as refused:
+                call(request, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert call(request, timeout=30, metadata=token).ByteSize() > 0
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING  # probes need no token
