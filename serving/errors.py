@@ -12,6 +12,21 @@ import logging
 
 log = logging.getLogger(__name__)
 
+# A status message travels in trailing metadata, which clients cap (gRPC: 8 KiB soft, 16 KiB hard):
+# a longer one reaches the caller as RESOURCE_EXHAUSTED instead of what actually went wrong.
+MAX_MESSAGE_CHARS = 1000
+QUOTE_CHARS = 80  # of one value the caller sent, quoted back in an error
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """`repr(value)`, cut to `limit` characters: errors quote what the caller sent, boundedly."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def clip(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    return message if len(message) <= limit else f"{message[:limit]}... ({len(message)} characters)"
+
 
 class ServingError(Exception):
     """Base of every error the server reports to a caller."""
@@ -29,7 +44,7 @@ class ModelNotFound(ServingError):
     code = "NOT_FOUND"
 
     def __init__(self, name: str, version: str = "", known: list[str] | None = None):
-        what = f"model {name!r}" + (f" version {version!r}" if version else "")
+        what = f"model {quote(name)}" + (f" version {quote(version)}" if version else "")
         hint = f"; available: {', '.join(known)}" if known else ""
         super().__init__(f"{what} is not served here{hint}")
 
@@ -126,6 +141,6 @@ class ModelLoadError(StartError):
 def describe(exc: BaseException) -> tuple[str, str]:
     """The status code name and message a caller gets for `exc`; unexpected errors are logged."""
     if isinstance(exc, ServingError):
-        return exc.code, str(exc)
+        return exc.code, clip(str(exc))
     log.error("unexpected error", exc_info=exc)
-    return "INTERNAL", f"internal error: {type(exc).__name__}: {exc}"
+    return "INTERNAL", clip(f"internal error: {type(exc).__name__}: {exc}")
