@@ -176,7 +176,7 @@ class ClientCore:
         self, call: UnaryCall[Any], attempt: int, error: ClientError, deadline: Deadline
     ) -> float | None:
         """Seconds to wait before retrying a failed attempt, or None to raise `error` now."""
-        wait_s = self.retry.next_wait_s(attempt, error.code, deadline.remaining_s())
+        wait_s = self.retry.next_wait_s(attempt, error.code, deadline.remaining_s(), error.message)
         if wait_s is not None:
             log.info(
                 "%s failed (%s), attempt %d of %d; retrying in %.2f s",

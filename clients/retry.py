@@ -23,6 +23,10 @@ import grpc
 RETRYABLE_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
 )
+# gRPC also reports a message or metadata over a size limit as RESOURCE_EXHAUSTED, at either end
+# ("Received message larger than max", "received metadata size exceeds hard limit"): the same
+# request would fail the same way, so these are not retried.
+SIZE_LIMIT_PHRASES = ("larger than max", "metadata size exceeds")
 
 
 @dataclass(frozen=True)
@@ -57,9 +61,19 @@ class RetryPolicy:
         base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
         return base * (1 - self.jitter * random.random())
 
-    def next_wait_s(self, attempt: int, code: grpc.StatusCode, remaining_s: float | None) -> float | None:
+    def retryable(self, code: grpc.StatusCode, message: str = "") -> bool:
+        if code not in self.codes:
+            return False
+        lowered = message.lower()
+        return not (
+            code == grpc.StatusCode.RESOURCE_EXHAUSTED and any(p in lowered for p in SIZE_LIMIT_PHRASES)
+        )
+
+    def next_wait_s(
+        self, attempt: int, code: grpc.StatusCode, remaining_s: float | None, message: str = ""
+    ) -> float | None:
         """How long to wait before attempt `attempt + 1`, or None to give up and raise."""
-        if attempt >= self.max_attempts or code not in self.codes:
+        if attempt >= self.max_attempts or not self.retryable(code, message):
             return None
         wait = self.backoff_s(attempt)
         if remaining_s is not None and wait >= remaining_s:

@@ -58,6 +58,21 @@ def test_no_retries_when_switched_off(connect: Any, caplog: pytest.LogCaptureFix
     assert "retrying" not in caplog.text
 
 
+def test_a_message_over_the_size_limit_is_not_retried(
+    connect: Any, start_server: Any, onnx_repo: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """gRPC reports it as RESOURCE_EXHAUSTED, like a full queue; but resending cannot help."""
+    server = start_server(onnx_repo, max_message_mb=1)
+    client = connect(server.address)
+    with caplog.at_level(logging.INFO, logger="clients"), pytest.raises(ClientError) as info:
+        client.classify(b"\x89PNG" + bytes(2 << 20))
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in info.value.message
+    assert "retrying" not in caplog.text
+    assert not RetryPolicy().retryable(info.value.code, info.value.message)
+    assert RetryPolicy().retryable(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full: 256 image(s) queued")
+
+
 @pytest.mark.parametrize("rpc", ["server_ready", "classify"])
 def test_calls_ride_out_a_server_restart(
     rpc: str,
