@@ -15,7 +15,9 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 from core.errors import CommandError
 from core.settings import add_flags, flag_values
@@ -46,12 +48,13 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     configure(config.log_format, config.log_level)
     try:
-        return asyncio.run(serve(config))
+        asyncio.run(serve(config))
     except StartError as exc:
         raise CommandError(str(exc)) from None
+    raise AssertionError("serve() ends the process itself")
 
 
-async def serve(config: ServerConfig) -> int:
+async def serve(config: ServerConfig) -> NoReturn:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -60,5 +63,18 @@ async def serve(config: ServerConfig) -> int:
     await server.start()
     await stop.wait()
     log.info("signal received: draining", extra={"grace_period_s": config.grace_period_s})
-    drained = await server.stop()
-    return 0 if drained else 1
+    drained = await server.drain()
+    exit_now(0 if drained else 1)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process without shutting gRPC down, once every accepted call has been answered.
+
+    gRPC's own shutdown cancels the calls that reach it while it runs, and their callers see
+    CANCELLED, which most clients (Triton's among them) do not retry. Closing the sockets with the
+    process shows such callers UNAVAILABLE instead, which every client treats as "try again".
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

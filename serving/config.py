@@ -133,11 +133,19 @@ class ServerConfig:
     metrics_port: int = setting(
         8002, "Prometheus /metrics and the /healthz, /readyz probes; 0 picks a free one, -1 disables"
     )
+    metrics_host: str = setting(
+        "127.0.0.1",
+        "address the metrics port listens on: this machine only unless set (0.0.0.0 in containers, "
+        "where the scraper and the probes come from outside)",
+    )
     repo: str = setting("", "model repository: REPO/<model>/<version>/model.onnx|model.mindir")
     model: str = setting("", "serve this one model file instead of a repository")
     model_name: str = setting("", "name for --model; empty: the file's stem (or its folder for model.onnx)")
     max_message_mb: int = setting(
         64, "gRPC message limit both ways, MiB; 64 FP32 images at 224 are 38.5 MiB (gRPC's 4 MiB holds 6)"
+    )
+    max_concurrent_streams: int = setting(
+        256, "calls one client connection may have open at once; more wait in the client, not here"
     )
     grace_period_s: float = setting(
         30.0, "on SIGTERM, how long queued and running work may take to finish", flag="grace-period"
@@ -193,8 +201,11 @@ class ServerConfig:
             )
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ConfigError(f"trace_sample_ratio must be within 0..1, got {self.trace_sample_ratio}")
-        if self.max_message_mb < 1:
-            raise ConfigError(f"max_message_mb must be >= 1, got {self.max_message_mb}")
+        if self.max_message_mb < 1 or self.max_concurrent_streams < 1:
+            raise ConfigError(
+                f"max_message_mb and max_concurrent_streams must be >= 1, got {self.max_message_mb} "
+                f"and {self.max_concurrent_streams}"
+            )
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"log_format must be json or text, got {self.log_format!r}")
         if self.grace_period_s < 0 or self.max_image_pixels < 1 or self.preprocess_workers < 0:

@@ -2,9 +2,11 @@
 and Prometheus with HTTP probes, all on one event loop over one data plane.
 
 Start order: bind the ports and report NOT_SERVING, load every model (a missing or corrupt one
-aborts the start with its path), start the batchers, then SERVING. Stop order (SIGTERM): health
-NOT_SERVING and new requests refused at once, queued and running work finishes within the grace
-period, then the listeners close and pending traces are exported.
+aborts the start with its path), start the batchers, then SERVING. Stop order (SIGTERM, `drain`):
+health NOT_SERVING and new requests refused with UNAVAILABLE at once, queued and running work
+finishes within the grace period and every answer is handed over. `hrnet serve` then exits
+(serving/cli.py says why without closing gRPC); `stop` (in-process use) also closes the
+listeners and exports pending traces.
 
 With several front-end processes (`workers` > 1, serving/frontend.py) this process owns the
 models and answers gRPC on a private Unix socket instead (REST and metrics stay here); the front
@@ -44,6 +46,7 @@ from serving.kserve import KServeServicer
 from serving.metrics import ServerMetrics
 from serving.repository import scan_repository, single_model
 from serving.rest import RestApi
+from serving.rpc import CallGuard
 from serving.service import DataPlane, LoadedModel, load_model
 from serving.shm import SharedMemoryRegistry
 from serving.supervisor import FrontEnds
@@ -58,6 +61,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 START_TIMEOUT_S = 600.0  # of start_background: loading a large model on a slow disk
 T = TypeVar("T")
+FLUSH_S = 0.5  # after the last answer was handed over: time for it to leave through the socket
 
 
 class Server:
@@ -76,7 +80,9 @@ class Server:
         self._span_exporter = span_exporter
         self.frontends: FrontEnds | None = None  # with workers > 1
         self._private: tempfile.TemporaryDirectory[str] | None = None  # the owner's gRPC socket
-        self._grpc: grpc.aio.Server | None = None  # made in start(): it binds to the running loop
+        # Made in start(): they bind to the running loop.
+        self._grpc: grpc.aio.Server | None = None
+        self._guard: CallGuard | None = None
         self._listeners: list[HttpListener] = []
         self._background: BackgroundLoop | None = None
 
@@ -102,6 +108,7 @@ class Server:
     async def start(self) -> None:
         """Bind, load every model, start batching; raises a StartError and leaves nothing running."""
         cfg = self.config
+        self._guard = CallGuard()
         self._grpc = self._services()
         try:
             self._bind_grpc()
@@ -146,11 +153,13 @@ class Server:
         """The gRPC server with every service; with several workers, also the front ends' supervisor."""
         cfg = self.config
         limit = cfg.max_message_bytes
+        assert self._guard is not None
         server = grpc.aio.server(
-            interceptors=auth.interceptors(cfg.auth_token),
+            interceptors=[self._guard, *auth.interceptors(cfg.auth_token)],
             options=[
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
+                ("grpc.max_concurrent_streams", cfg.max_concurrent_streams),
                 ("grpc.so_reuseport", 0),
             ],
         )
@@ -202,7 +211,7 @@ class Server:
                 self.metrics.app(lambda: self.plane.ready), "metrics", shutdown_timeout_s=1.0
             )
             self._listeners.append(probes)
-            self.metrics_port = await probes.start(cfg.host, cfg.metrics_port)
+            self.metrics_port = await probes.start(cfg.metrics_host, cfg.metrics_port)
 
     async def _close(self) -> None:
         """Close what start() opened besides gRPC: listeners, models, tracing (exporting what is left)."""
@@ -225,9 +234,13 @@ class Server:
             sources = scan_repository(Path(cfg.repo), cfg.model_defaults)
         return [load_model(s, self.metrics, cfg.decode_threads(), cfg.max_image_pixels) for s in sources]
 
-    async def stop(self, grace_s: float | None = None) -> bool:
-        """Drain and stop. True when all accepted work finished within the grace period."""
-        if self._grpc is None:
+    async def drain(self, grace_s: float | None = None) -> bool:
+        """SIGTERM's work: stop taking requests, finish and answer what was accepted within `grace_s`.
+
+        True when nothing accepted was abandoned. The port stays open meanwhile, answering new
+        calls UNAVAILABLE, so no caller meets a half-closed server.
+        """
+        if self._grpc is None or self._guard is None:
             return True
         grace_s = self.config.grace_period_s if grace_s is None else grace_s
         started = time.monotonic()
@@ -238,13 +251,32 @@ class Server:
         await self._set_health(NOT_SERVING, self.plane.names())
         handed_over = await self.frontends.drain(grace_s) if self.frontends else True
         drained = await self.plane.drain(left()) and handed_over
-        # Responses of drained work are still being written: give them a moment before closing.
-        if self.frontends is not None:
+        if self.frontends is not None:  # they answer what they handed over, then exit
             await self.frontends.stop(max(1.0, left()))
-        await self._grpc.stop(max(1.0, left()))
-        await self._close()
+        answered = await self._guard.wait_idle(left())
+        await asyncio.sleep(FLUSH_S)
+        log.info(
+            "drained",
+            extra={
+                "drained": drained and answered,
+                "seconds": round(time.monotonic() - started, 2),
+                "open_calls": self._guard.active,
+            },
+        )
+        return drained and answered
+
+    async def close(self) -> None:
+        """Release the ports, the models and tracing (after `drain`, for in-process use)."""
+        if self._grpc is None:
+            return
+        await self._grpc.stop(FLUSH_S)
         self._grpc = None
-        log.info("stopped", extra={"drained": drained, "seconds": round(time.monotonic() - started, 2)})
+        await self._close()
+
+    async def stop(self, grace_s: float | None = None) -> bool:
+        """Drain, then close. True when all accepted work finished within the grace period."""
+        drained = await self.drain(grace_s)
+        await self.close()
         return drained
 
     async def __aenter__(self) -> Server:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import queue
@@ -16,13 +17,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clients import Client, ClientError, RetryPolicy
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
+from serving.process import ServerProcess
 
 HRNET = [sys.executable, "-m", "hrnet"]
+TRITON_LOAD = Path(__file__).with_name("triton_load.py")
 
 
 def _serve(*args: str) -> subprocess.Popen:
@@ -100,6 +105,60 @@ def test_sigterm_drains_accepted_work_then_exits_0(model_repo, digit_images, tmp
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sigterm_under_load_ends_every_call_ok_or_unavailable(model_repo, tmp_path) -> None:
+    """16 tritonclient callers (a child process) and 16 of ours, retries off, through SIGTERM.
+
+    Was: calls reaching gRPC while it shut down came back CANCELLED (15 of ~3,700), which Triton's
+    client does not retry; now the server answers UNAVAILABLE until it exits, then the port is shut.
+    """
+    repo = tmp_path / "repo"
+    (repo / "hrnet" / "1").mkdir(parents=True)
+    shutil.copy(model_repo.onnx, repo / "hrnet" / "1" / "model.onnx")
+    server = ServerProcess(["--repo", str(repo), "--metrics-port", "-1"])
+    server.start()
+    triton = subprocess.Popen(
+        [sys.executable, str(TRITON_LOAD), server.address, "16", "8"], stdout=subprocess.PIPE, text=True
+    )
+    ours: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def call_in_a_loop() -> None:
+        with Client(server.address, retry=RetryPolicy.off(), timeout_s=20) as client:
+            batch = np.zeros((1, 3, 32, 32), np.float32)
+            while not stop.is_set():
+                try:
+                    client.infer(batch)
+                    code = "OK"
+                except ClientError as exc:
+                    code = exc.code.name
+                    time.sleep(0.01)
+                with lock:
+                    ours[code] += 1
+
+    callers = [threading.Thread(target=call_in_a_loop) for _ in range(16)]
+    try:
+        for caller in callers:
+            caller.start()
+        assert triton.stdout is not None and triton.stdout.readline().strip() == "calling"
+        time.sleep(1.0)
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(60) == 0
+        time.sleep(1.0)  # and calls after the exit, to a closed port
+        stop.set()
+        for caller in callers:
+            caller.join(30)
+        theirs = json.loads(triton.communicate(timeout=60)[0])
+    finally:
+        stop.set()
+        server.stop()
+        if triton.poll() is None:
+            triton.kill()
+    for counts in (ours, theirs):
+        assert set(counts) <= {"OK", "UNAVAILABLE"}, counts
+        assert counts["OK"] > 0 and counts["UNAVAILABLE"] > 0, counts
 
 
 def _until_error(stream):
