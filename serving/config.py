@@ -24,6 +24,8 @@ TRAINING_ENV_PREFIX = "HRNET_TRAIN_"  # the trainer's variables: not the server'
 MiB = 1 << 20
 # 50 megapixels: every consumer camera's full-resolution photo, about 150 MB once decoded to RGB.
 MAX_IMAGE_PIXELS = 50_000_000
+# Per request: four such photos, or sixteen 12-megapixel phone photos; about a second of decoding.
+MAX_REQUEST_PIXELS = 200_000_000
 
 __all__ = ["BatchingConfig", "ConfigError", "ModelConfig", "ServerConfig"]
 
@@ -167,6 +169,11 @@ class ServerConfig:
     max_image_pixels: int = setting(
         MAX_IMAGE_PIXELS, "decoded pixels allowed per image: larger ones are refused from their header"
     )
+    max_request_pixels: int = setting(
+        MAX_REQUEST_PIXELS,
+        "decoded pixels allowed per request, all its images together, checked from their headers before "
+        "any is decoded",
+    )
     log_format: str = setting("json", "json lines or text")
     log_level: str = setting("info", "debug, info, warning or error")
     auth_token: str = setting(
@@ -208,8 +215,13 @@ class ServerConfig:
             )
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"log_format must be json or text, got {self.log_format!r}")
-        if self.grace_period_s < 0 or self.max_image_pixels < 1 or self.preprocess_workers < 0:
-            raise ConfigError("grace_period_s, preprocess_workers must be >= 0 and max_image_pixels >= 1")
+        if self.grace_period_s < 0 or self.preprocess_workers < 0:
+            raise ConfigError("grace_period_s and preprocess_workers must be >= 0")
+        if not 1 <= self.max_image_pixels <= self.max_request_pixels:
+            raise ConfigError(
+                f"need 1 <= max_image_pixels <= max_request_pixels, got {self.max_image_pixels} and "
+                f"{self.max_request_pixels}"
+            )
         if self.workers < 0 or self.frontend_buffer_mb < 1:
             raise ConfigError(
                 f"workers must be >= 0 and frontend_buffer_mb >= 1, got {self.workers} and "

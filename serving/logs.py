@@ -39,7 +39,12 @@ class KeyValueFormatter(logging.Formatter):
 
 
 def configure(fmt: str, level: str) -> None:
-    """Replace the root handlers' formatting (the `hrnet` command set up plain text)."""
+    """Replace the root handlers' formatting (the `hrnet` command set up plain text).
+
+    Python warnings (Pillow's about odd images, for one) become log records too: printed
+    directly they would break the one-record-per-line log.
+    """
+    logging.captureWarnings(True)
     root = logging.getLogger()
     if not root.handlers:
         root.addHandler(logging.StreamHandler())

@@ -16,12 +16,17 @@ one pure function:
   when shrinking). The long side is `int(float32(size) * (float32(long) / float32(short)))`,
   i.e. truncated in single precision: 640x427 -> 383x256, and 31x7 -> 30x7, not 31x7.
 - The centre crop starts at `(side - crop) // 2`.
+
+Every size is checked from the image's header before any pixel is decoded: per image
+(`max_pixels`) and, in `ImagePreprocessor`, per request (`max_request_pixels`), because a
+35-byte GIF may declare 6000x6000 pixels and cost a second of CPU to decode.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -30,13 +35,35 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from core.metadata import ModelMetadata
-from serving.config import MAX_IMAGE_PIXELS, usable_cores
+from serving.config import MAX_IMAGE_PIXELS, MAX_REQUEST_PIXELS, usable_cores
 
 DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS  # the server's setting, also the default of these functions
 
 # Pillow's names for the accepted containers (multi-picture camera JPEGs open as JPEG, reported as MPO).
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+ACCEPTED = "accepted formats: JPEG, PNG, WebP, BMP, GIF"
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# Leading bytes of formats people send, so a refusal can name what arrived.
+_SIGNATURES = (
+    (0, b"\xff\xd8\xff", "JPEG"),
+    (0, b"\x89PNG\r\n\x1a\n", "PNG"),
+    (0, b"GIF8", "GIF"),
+    (0, b"BM", "BMP"),
+    (8, b"WEBP", "WEBP"),
+    (0, b"II*\x00", "TIFF"),
+    (0, b"MM\x00*", "TIFF"),
+    (0, b"%PDF", "PDF"),
+    (0, b"<svg", "SVG"),
+    (0, b"<?xml", "SVG/XML"),
+    (4, b"ftypheic", "HEIC"),
+    (4, b"ftypheix", "HEIC"),
+    (4, b"ftypmif1", "HEIF"),
+    (4, b"ftypavif", "AVIF"),
+    (0, b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+)
+# This module refuses images above its own, configurable limit from the header, with its own
+# message; Pillow's fixed one (a warning at 89 Mpx, an error at 179 Mpx) would only interfere.
+Image.MAX_IMAGE_PIXELS = None
 
 
 class ImageError(ValueError):
@@ -79,39 +106,74 @@ def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
     return int(np.float32(size) * (np.float32(height) / np.float32(width))), size
 
 
+def sniff_format(data: bytes) -> str | None:
+    """The format the leading bytes announce (JPEG, PNG, TIFF, PDF, HEIC...), None if unknown."""
+    for offset, magic, name in _SIGNATURES:
+        if data[offset : offset + len(magic)] == magic:
+            return name
+    return None
+
+
+def too_many_pixels(what: str, pixels: int, limit: int) -> ImageError:
+    """The one wording of every pixel limit, per image and per request."""
+    return ImageError(f"{what} = {pixels} pixels, more than the limit of {limit}")
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Parse the header only (nothing decoded yet) and refuse what cannot or must not be decoded."""
+    if not data:
+        raise ImageError("empty image: 0 bytes")
+    sniffed = sniff_format(data)
+    if sniffed is not None and sniffed not in ACCEPTED_FORMATS:
+        raise ImageError(f"{sniffed} images are not supported; {ACCEPTED}")
+    try:
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except UnidentifiedImageError:
+        if sniffed is None:
+            start = data[:8]
+            raise ImageError(
+                f"unsupported or unrecognised image data ({len(data)} bytes starting {start!r}); {ACCEPTED}"
+            ) from None
+        raise ImageError(_unreadable_header(sniffed or "image", data)) from None
+    except Exception as exc:  # a recognised header that its plugin then fails to parse
+        raise ImageError(f"{_unreadable_header(sniffed or 'image', data)}: {exc}") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        image.close()
+        raise ImageError(f"{image.format} image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        image.close()
+        raise too_many_pixels(f"{image.format} image is {width}x{height}", width * height, max_pixels)
+    return image
+
+
+def _unreadable_header(sniffed: str, data: bytes) -> str:
+    """Why an image of an accepted format does not open; Pillow itself says only 'cannot identify'."""
+    if sniffed == "PNG" and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        if width < 1 or height < 1:
+            return f"PNG image has no pixels ({width}x{height})"
+    return f"corrupt {sniffed} header ({len(data)} bytes)"
+
+
+def declared_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """Pixels the header announces (all open_image checks applied), without decoding any."""
+    with open_image(data, max_pixels) as image:
+        width, height = image.size
+    return width * height
+
+
 def decode_image(
     data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose: bool = True
 ) -> np.ndarray:
     """Encoded bytes -> RGB uint8 HWC, refusing oversized images before any pixel is decoded."""
-    if not data:
-        raise ImageError("empty image: 0 bytes")
-    try:
-        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"image too large to decode: {exc}") from None
-    except UnidentifiedImageError:
-        raise ImageError(
-            f"unsupported or unrecognised image data ({len(data)} bytes starting {data[:8]!r}); "
-            f"accepted formats: JPEG, PNG, WebP, BMP, GIF"
-        ) from None
-    except Exception as exc:  # a recognised header that its plugin then fails to parse
-        raise ImageError(f"corrupt image header: {exc}") from None
-    with image:
+    with open_image(data, max_pixels) as image:
         width, height = image.size
-        if width < 1 or height < 1:
-            raise ImageError(f"{image.format} image has no pixels ({width}x{height})")
-        if width * height > max_pixels:
-            raise ImageError(
-                f"{image.format} image is {width}x{height} = {width * height} pixels, "
-                f"more than the limit of {max_pixels}"
-            )
         try:
             image.load()
             if exif_transpose:
                 ImageOps.exif_transpose(image, in_place=True)
             return _to_rgb(image)
-        except Image.DecompressionBombError as exc:
-            raise ImageError(f"image too large to decode: {exc}") from None
         # Pillow's plugins raise OSError, SyntaxError, ValueError, EOFError, struct.error... on bad data.
         except Exception as exc:
             raise ImageError(f"corrupt or truncated {image.format} image ({width}x{height}): {exc}") from None
@@ -140,10 +202,8 @@ def resize_crop(rgb: np.ndarray, spec: PreprocessSpec, max_pixels: int = DEFAULT
     new_h, new_w = resized_shape(height, width, spec.resize_size)
     if new_h * new_w > max_pixels:
         # A 1x40000 strip is tiny but would resize to 256x10240000: refuse extreme aspect ratios.
-        raise ImageError(
-            f"a {width}x{height} image resizes to {new_w}x{new_h} (short side {spec.resize_size}), "
-            f"more than the limit of {max_pixels} pixels"
-        )
+        what = f"a {width}x{height} image resizes to {new_w}x{new_h} (short side {spec.resize_size})"
+        raise too_many_pixels(what, new_h * new_w, max_pixels)
     resized = cv2.resize(np.ascontiguousarray(rgb), (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     top = (new_h - spec.input_size) // 2
     left = (new_w - spec.input_size) // 2
@@ -193,19 +253,40 @@ class ImagePreprocessor:
     """Preprocesses a batch of encoded images on a bounded thread pool.
 
     Pillow's decoders and OpenCV's resize release the GIL, so threads decode in parallel
-    without blocking the server's event loop.
+    without blocking the server's event loop. Every header is read before anything is decoded,
+    so a request over its pixel budget costs microseconds, not seconds.
     """
 
     def __init__(
-        self, spec: PreprocessSpec, max_workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS
+        self,
+        spec: PreprocessSpec,
+        max_workers: int = 0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_request_pixels: int = MAX_REQUEST_PIXELS,
     ) -> None:
         """`max_workers` 0 means `default_workers()`."""
         if max_workers < 0:
             raise ValueError(f"max_workers must be >= 0, got {max_workers}")
         self.spec = spec
         self.max_pixels = max_pixels
+        self.max_request_pixels = max_request_pixels
         self.max_workers = max_workers or default_workers()
         self._pool = ThreadPoolExecutor(self.max_workers, thread_name_prefix="preprocess")
+
+    def check_headers(self, images: list[bytes]) -> int:
+        """Declared pixels of all `images`; an ImageError names the first bad one by its index."""
+        total = 0
+        for index, data in enumerate(images):
+            try:
+                total += declared_pixels(data, self.max_pixels)
+            except ImageError as exc:
+                raise ImageError(f"image {index}: {exc}") from None
+        if total > self.max_request_pixels:
+            error = too_many_pixels(
+                f"the request's {len(images)} images together", total, self.max_request_pixels
+            )
+            raise ImageError(f"{error} per request; send fewer or smaller images")
+        return total
 
     async def preprocess_many(self, images: list[bytes], out: np.ndarray | None = None) -> np.ndarray:
         """Encoded images -> normalized NCHW, each decoded on the pool straight into its row of
@@ -214,6 +295,7 @@ class ImagePreprocessor:
         Returns only when no pool thread writes into `out` any more, also when cancelled, so the
         caller may reuse `out` (a shared-memory slot) at once.
         """
+        await asyncio.get_running_loop().run_in_executor(self._pool, self.check_headers, images)
         size = self.spec.input_size
         batch = np.empty((len(images), 3, size, size), np.float32) if out is None else out
         futures = [self._pool.submit(self._into, data, batch, i) for i, data in enumerate(images)]

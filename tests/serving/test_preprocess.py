@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from serving.preprocess import (
     ImageError,
     ImagePreprocessor,
     PreprocessSpec,
+    declared_pixels,
     decode_image,
     preprocess_array,
     preprocess_image,
@@ -278,8 +280,11 @@ def test_oversized_images_are_refused_before_decoding() -> None:
     spec = PreprocessSpec.from_metadata(METADATA["32"])
     with pytest.raises(ImageError, match=r"8000x8000 = 64000000 pixels, more than the limit of 50000000"):
         preprocess_image(png_bomb(8000, 8000), spec)  # under Pillow's own limit: our header check
-    with pytest.raises(ImageError, match="too large"):
-        preprocess_image(png_bomb(50000, 50000), spec)  # Pillow's DecompressionBombError
+    # Above Pillow's own limit (179 Mpx) too: the same message, not Pillow's.
+    with pytest.raises(
+        ImageError, match=r"^PNG image is 50000x50000 = 2500000000 pixels, more than the limit of"
+    ):
+        preprocess_image(png_bomb(50000, 50000), spec)
     with pytest.raises(ImageError, match="limit of 100"):
         preprocess_image(encode(np.zeros((20, 20, 3), np.uint8), "PNG"), spec, max_pixels=100)
 
@@ -299,13 +304,61 @@ def test_corrupt_data_raises_precise_errors(small_photo: np.ndarray) -> None:
         preprocess_image(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(), spec)
     with pytest.raises(ImageError, match="empty image"):
         preprocess_image(b"", spec)
-    with pytest.raises(ImageError, match="unsupported"):
+    with pytest.raises(ImageError, match=r"^TIFF images are not supported"):
         preprocess_image(encode(small_photo, "TIFF"), spec)  # Pillow reads TIFF, the server does not
     png = encode(small_photo, "PNG")
     with pytest.raises(ImageError, match="PNG"):
         preprocess_image(png[:200], spec)
+    with pytest.raises(ImageError, match=r"^PNG image has no pixels \(0x30\)$"):  # was "unrecognised"
+        preprocess_image(png_bomb(0, 30), spec)
+    with pytest.raises(ImageError, match=r"^corrupt PNG header \(16 bytes\): Truncated File Read$"):
+        preprocess_image(png[:16], spec)
     with pytest.raises(ImageError, match=r"expected an RGB uint8 array of shape \(height, width, 3\)"):
         preprocess_array(small_photo.astype(np.float32), spec)
+
+
+@pytest.mark.parametrize(
+    ("data", "name"),
+    [
+        (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "PDF"),
+        (b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>', "SVG"),
+        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", "HEIC"),
+        (b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1", "AVIF"),
+        (b"MM\x00*\x00\x00\x00\x08", "TIFF"),
+    ],
+)
+def test_known_but_unsupported_formats_are_named(data: bytes, name: str) -> None:
+    with pytest.raises(ImageError, match=rf"^{name} images are not supported; accepted formats: JPEG, PNG"):
+        decode_image(data)
+
+
+def test_pillow_warnings_are_not_raised_for_large_accepted_images(recwarn: pytest.WarningsRecorder) -> None:
+    """Pillow warns above 89 Mpx on its own; with our limit raised above that, nothing is printed."""
+    assert declared_pixels(png_bomb(10000, 10000), max_pixels=200_000_000) == 100_000_000
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_a_request_over_its_pixel_budget_is_refused_from_the_headers(photos: dict[str, bytes]) -> None:
+    """A 29-byte GIF may declare 6000x6000: the budget is checked before anything is decoded."""
+    spec = PreprocessSpec.from_metadata(METADATA["32"])
+    gif = (
+        b"GIF89a"
+        + struct.pack("<HH", 6000, 6000)
+        + b"\x00\x00\x00,\x00\x00\x00\x00p\x17p\x17\x00\x02\x02D\x01\x00;"
+    )
+    preprocessor = ImagePreprocessor(spec, max_workers=1, max_request_pixels=100_000_000)
+    try:
+        started = time.monotonic()
+        with pytest.raises(
+            ImageError,
+            match=r"^the request's 300 images together = 10800000000 pixels, more than the limit of 10+ per",
+        ):
+            asyncio.run(preprocessor.preprocess_many([gif] * 300))
+        assert time.monotonic() - started < 2.0  # was ~40 s of decoding before the refusal
+        with pytest.raises(ImageError, match=r"^image 1: PNG image is 8000x8000 = 64000000 pixels"):
+            asyncio.run(preprocessor.preprocess_many([next(iter(photos.values())), png_bomb(8000, 8000)]))
+    finally:
+        preprocessor.close()
 
 
 def test_spec_validation_and_metadata() -> None:
