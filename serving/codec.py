@@ -1,5 +1,5 @@
 """Protobuf <-> numpy for both APIs. Pure functions; every malformed request is an InvalidArgument
-whose message quotes the offending value.
+whose message quotes the offending value (cut short: `serving.errors.quote`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from protos import DEFAULT_TOP_K, classifier_pb2, grpc_service_pb2
-from serving.errors import InvalidArgument
+from serving.errors import InferenceFailed, InvalidArgument, quote
 from serving.service import InferInput
 from serving.shm import SharedMemoryRegistry, ShmRef
 
@@ -21,6 +21,10 @@ DATATYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "UINT8": np.dtype
 SHM_REGION = "shared_memory_region"
 SHM_OFFSET = "shared_memory_offset"
 SHM_BYTE_SIZE = "shared_memory_byte_size"
+# KServe request parameters this server reads; any other name is refused, so a misspelling
+# (`timout`) fails loudly instead of being ignored.
+REQUEST_PARAMETERS = ("priority", "timeout")
+MAX_RANK = 8  # dimensions a request tensor may declare; ours take 4 (NCHW) or 1 (BYTES)
 
 
 @dataclass(frozen=True)
@@ -32,8 +36,10 @@ class InferOptions:
 
 
 def _shape(dims: list[int], what: str) -> tuple[int, ...]:
-    if not dims or any(d < 0 for d in dims):
-        raise InvalidArgument(f"{what}: shape {list(dims)} must be non-empty with dimensions >= 0")
+    if not dims or len(dims) > MAX_RANK or any(d < 0 for d in dims):
+        raise InvalidArgument(
+            f"{what}: shape {quote(list(dims))} must have 1 to {MAX_RANK} dimensions, each >= 0"
+        )
     return tuple(int(d) for d in dims)
 
 
@@ -90,11 +96,11 @@ def decode_infer_request(
     registered shared-memory region (`regions`)."""
     if len(request.inputs) != 1:
         names = [i.name for i in request.inputs]
-        raise InvalidArgument(f"expected exactly one input {input_name!r}, got {len(names)}: {names}")
+        raise InvalidArgument(f"expected exactly one input {input_name!r}, got {len(names)}: {quote(names)}")
     tensor = request.inputs[0]
-    what = f"input {tensor.name!r}"
+    what = f"input {quote(tensor.name)}"
     if tensor.name != input_name:
-        raise InvalidArgument(f"unknown input {tensor.name!r}; the model's input is {input_name!r}")
+        raise InvalidArgument(f"unknown input {quote(tensor.name)}; the model's input is {input_name!r}")
     raw = list(request.raw_input_contents)
     if raw and len(raw) != 1:
         raise InvalidArgument(f"raw_input_contents has {len(raw)} buffers for 1 input")
@@ -105,7 +111,7 @@ def decode_infer_request(
     dtype = DATATYPES.get(tensor.datatype)
     if dtype is None and tensor.datatype != "BYTES":
         raise InvalidArgument(
-            f"{what}: datatype {tensor.datatype!r} not supported; use FP32, FP16, UINT8 or BYTES"
+            f"{what}: datatype {quote(tensor.datatype)} not supported; use FP32, FP16, UINT8 or BYTES"
         )
     source = "raw content"
     ref = shm_ref(tensor.parameters, what)
@@ -160,6 +166,11 @@ def _int_param(param: grpc_service_pb2.InferParameter, name: str) -> int:
 def decode_options(request: grpc_service_pb2.ModelInferRequest, output_name: str) -> InferOptions:
     """Queue timeout, priority, and what to return: logits, the top k, or logits into shared memory."""
     params = request.parameters
+    unknown = sorted(set(params) - set(REQUEST_PARAMETERS))
+    if unknown:
+        raise InvalidArgument(
+            f"unknown request parameter {quote(unknown[0])}; accepted: {', '.join(REQUEST_PARAMETERS)}"
+        )
     timeout_s = None
     if "timeout" in params:
         timeout_us = _int_param(params["timeout"], "timeout")
@@ -173,7 +184,9 @@ def decode_options(request: grpc_service_pb2.ModelInferRequest, output_name: str
     region = None
     for output in request.outputs:
         if output.name != output_name:
-            raise InvalidArgument(f"unknown output {output.name!r}; the model's output is {output_name!r}")
+            raise InvalidArgument(
+                f"unknown output {quote(output.name)}; the model's output is {output_name!r}"
+            )
         if "classification" in output.parameters:
             k = _int_param(output.parameters["classification"], "classification")
             if k < 1:
@@ -185,7 +198,16 @@ def decode_options(request: grpc_service_pb2.ModelInferRequest, output_name: str
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and values of the k largest per row, best first (ties: lower index first)."""
+    """Indices and values of the k largest per row, best first (ties: lower index first).
+
+    NaN has no rank: a row that is not finite fails the request rather than be ranked.
+    """
+    finite = np.isfinite(scores).all(axis=1)
+    if not finite.all():
+        row = int(np.argmin(finite))
+        raise InferenceFailed(
+            f"item {row}: the model's outputs are not finite (NaN or infinity), so they cannot be ranked"
+        )
     k = min(k, scores.shape[1])
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return order, np.take_along_axis(scores, order, axis=1)
@@ -234,7 +256,7 @@ def decode_classify_request(request: classifier_pb2.ClassifyRequest) -> InferInp
     t = request.tensor
     dtype = DATATYPES.get(t.datatype)
     if dtype is None:
-        raise InvalidArgument(f"tensor datatype {t.datatype!r} not supported; use FP32, FP16 or UINT8")
+        raise InvalidArgument(f"tensor datatype {quote(t.datatype)} not supported; use FP32, FP16 or UINT8")
     shape = _shape(list(t.shape), "tensor")
     needed = math.prod(shape) * dtype.itemsize
     if len(t.data) != needed:

@@ -232,7 +232,10 @@ class Server:
             sources = [single_model(Path(cfg.model), cfg.model_name, cfg.model_defaults)]
         else:
             sources = scan_repository(Path(cfg.repo), cfg.model_defaults)
-        return [load_model(s, self.metrics, cfg.decode_threads(), cfg.max_image_pixels) for s in sources]
+        return [
+            load_model(s, self.metrics, cfg.decode_threads(), cfg.max_image_pixels, cfg.max_request_pixels)
+            for s in sources
+        ]
 
     async def drain(self, grace_s: float | None = None) -> bool:
         """SIGTERM's work: stop taking requests, finish and answer what was accepted within `grace_s`.

@@ -26,7 +26,7 @@ import numpy as np
 from core.metadata import ModelMetadata
 from serving.backends import Backend, TensorSpec, open_backend
 from serving.batcher import Batcher
-from serving.errors import InvalidArgument, ModelNotFound, ServingError, Unavailable
+from serving.errors import InvalidArgument, ModelNotFound, QueueFull, ServingError, Unavailable
 from serving.metrics import ServerMetrics
 from serving.preprocess import ImageError, ImagePreprocessor, PreprocessSpec, normalize
 from serving.repository import ModelSource, resolve_metadata
@@ -34,8 +34,9 @@ from serving.stats import ModelStats
 from serving.tracing import Tracing
 
 log = logging.getLogger(__name__)
-# KServe priority levels: 1 is the highest; a request without one (0) queues after all levels.
-DEFAULT_PRIORITY = 1 << 31
+# KServe priority levels: 1 is the highest; a request without one (0) queues after every level a
+# client can send (a uint64 parameter), so no priority it names ranks below "no priority".
+DEFAULT_PRIORITY = 1 << 64
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,14 @@ async def convert_input(
             raise InvalidArgument(str(exc)) from None
     batch = payload.tensor
     assert batch is not None
+    if batch.dtype != np.uint8:
+        finite = np.isfinite(batch)
+        if not finite.all():
+            where = [int(i) for i in np.argwhere(~finite)[0]]
+            raise InvalidArgument(
+                f"the input holds NaN or infinite values (the first at index {where}); the model needs "
+                "finite numbers"
+            )
     if batch.dtype == np.uint8:
         size = preprocessor.spec.input_size
         target = np.empty((batch.shape[0], 3, size, size), dtype) if out is None else out
@@ -167,6 +176,8 @@ class LoadedModel:
     preprocessor: ImagePreprocessor
     stats: ModelStats
     ready: bool = field(default=False)
+    # Images admitted and being decoded or converted, not queued yet: they count against the queue.
+    preparing: int = field(default=0)
 
     @property
     def name(self) -> str:
@@ -224,7 +235,11 @@ class LoadedModel:
 
 
 def load_model(
-    source: ModelSource, metrics: ServerMetrics | None, preprocess_workers: int, max_image_pixels: int
+    source: ModelSource,
+    metrics: ServerMetrics | None,
+    preprocess_workers: int,
+    max_image_pixels: int,
+    max_request_pixels: int,
 ) -> LoadedModel:
     """Open `instances` copies of the model and wire them to a batcher (not started yet)."""
     started = time.monotonic()
@@ -234,7 +249,7 @@ def load_model(
     stats = ModelStats(source.name, source.version, metrics)
     batcher = Batcher(backends, config.batching, listener=stats)
     spec = PreprocessSpec.from_metadata(metadata, exif_transpose=config.exif_transpose)
-    preprocessor = ImagePreprocessor(spec, max_workers=preprocess_workers, max_pixels=max_image_pixels)
+    preprocessor = ImagePreprocessor(spec, preprocess_workers, max_image_pixels, max_request_pixels)
     model = LoadedModel(source, backends, metadata, batcher, preprocessor, stats)
     if metrics:
         metrics.watch_queue(source.name, source.version, lambda: batcher.queued_images)
@@ -365,14 +380,36 @@ class DataPlane:
     ) -> np.ndarray:
         """Logits (N, classes): a tensor is checked against the model's input, encoded images are
         decoded with the model's eval transform. `arrived` (time.monotonic()) is when a front-end
-        process received the request, so its duration counts from there."""
+        process received the request, so its duration counts from there.
+
+        The request is admitted to the queue before any decoding or conversion: its image count
+        against `max_queue_size` and the images already queued or being prepared. So a flood of
+        images costs a refusal, not their decoding, and the memory prepared requests hold stays
+        bounded by the queue size.
+        """
 
         async def prepare() -> np.ndarray:
-            with self.tracing.span("decode"):
-                check_input(model.name, model.input, model.metadata.input_size, payload)
-                return await convert_input(payload, model.preprocessor, model.input.dtype)
+            count = check_input(model.name, model.input, model.metadata.input_size, payload)
+            self._admit(model, count)
+            model.preparing += count
+            try:
+                with self.tracing.span("decode"):
+                    return await convert_input(payload, model.preprocessor, model.input.dtype)
+            finally:
+                model.preparing -= count
 
         return await self._run(model, prepare, deadline, priority, arrived)
+
+    @staticmethod
+    def _admit(model: LoadedModel, count: int) -> None:
+        limit = model.source.config.batching.max_queue_size
+        if count > limit:  # could never be queued: the request, not the load, is wrong
+            raise InvalidArgument(
+                f"a request of {count} images exceeds max_queue_size {limit}; send fewer per request"
+            )
+        waiting = model.batcher.queued_images + model.preparing
+        if waiting + count > limit:
+            raise QueueFull(waiting, count, limit)
 
     async def _run(
         self,

@@ -8,7 +8,7 @@ import pytest
 from protos import classifier_pb2
 from protos import grpc_service_pb2 as pb
 from serving import codec
-from serving.errors import InvalidArgument
+from serving.errors import InferenceFailed, InvalidArgument
 
 
 def test_bytes_elements_round_trip_and_truncation() -> None:
@@ -38,8 +38,13 @@ def test_input_rules() -> None:
     with pytest.raises(InvalidArgument, match="FP16 data travels only as raw_input_contents"):
         codec.decode_infer_request(half_typed, "image")
     negative = _request(shape=(1, -3, 2, 2))
-    with pytest.raises(InvalidArgument, match=r"shape \[1, -3, 2, 2\] must be non-empty"):
+    with pytest.raises(
+        InvalidArgument, match=r"shape \[1, -3, 2, 2\] must have 1 to 8 dimensions, each >= 0"
+    ):
         codec.decode_infer_request(negative, "image")
+    deep = _request(shape=(1,) * 1000)  # quoted briefly, not as a thousand dimensions
+    with pytest.raises(InvalidArgument, match=r"shape \[1, 1, 1, .*\.\.\. \(3000 characters\) must have"):
+        codec.decode_infer_request(deep, "image")
     two = _request()
     two.inputs.add(name="other", datatype="FP32", shape=[1])
     with pytest.raises(InvalidArgument, match="expected exactly one input 'image', got 2"):
@@ -63,12 +68,24 @@ def test_parameters() -> None:
     request.outputs.add(name="probs")
     with pytest.raises(InvalidArgument, match="unknown output 'probs'"):
         codec.decode_options(request, "logits")
+    misspelled = _request()
+    misspelled.parameters["timout"].int64_param = 2500
+    with pytest.raises(
+        InvalidArgument, match=r"^unknown request parameter 'timout'; accepted: priority, timeout$"
+    ):
+        codec.decode_options(misspelled, "logits")
 
 
 def test_top_k_is_best_first_and_capped() -> None:
     scores = np.array([[0.1, 0.7, 0.7, 0.2]], np.float32)
     order, values = codec.top_k(scores, 10)
     assert order.tolist() == [[1, 2, 3, 0]] and values[0, 0] == pytest.approx(0.7)
+
+
+def test_nan_is_never_ranked() -> None:
+    scores = np.array([[0.1, 0.7], [np.nan, np.nan]], np.float32)
+    with pytest.raises(InferenceFailed, match=r"^item 1: the model's outputs are not finite"):
+        codec.top_k(scores, 2)
 
 
 def test_classify_request_needs_images_or_a_tensor_of_the_right_size() -> None:
