@@ -43,6 +43,7 @@ from serving.config import ServerConfig
 from serving.errors import ListenError
 from serving.http import HttpListener
 from serving.kserve import KServeServicer
+from serving.memory import trim_when_quiet
 from serving.metrics import ServerMetrics
 from serving.repository import scan_repository, single_model
 from serving.rest import RestApi
@@ -83,6 +84,7 @@ class Server:
         # Made in start(): they bind to the running loop.
         self._grpc: grpc.aio.Server | None = None
         self._guard: CallGuard | None = None
+        self._trimmer: asyncio.Task[None] | None = None
         self._listeners: list[HttpListener] = []
         self._background: BackgroundLoop | None = None
 
@@ -136,6 +138,9 @@ class Server:
             await self._grpc.stop(None)
             await self._close()
             raise
+        self._trimmer = asyncio.create_task(
+            trim_when_quiet(lambda: (self.plane.running, self.plane.finished))
+        )
         await self._set_health(SERVING, self.plane.names())
         log.info(
             "serving",
@@ -274,6 +279,8 @@ class Server:
             return
         await self._grpc.stop(FLUSH_S)
         self._grpc = None
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         await self._close()
 
     async def stop(self, grace_s: float | None = None) -> bool:

@@ -312,6 +312,8 @@ class DataPlane:
         self.clock = clock
         self.tracing = tracing or Tracing()
         self.accepting = False
+        self.running = 0  # inference requests in progress
+        self.finished = 0  # inference requests answered so far, whatever the outcome
 
     def add(self, model: LoadedModel) -> None:
         self._models.setdefault(model.name, {})[model.version] = model
@@ -426,6 +428,7 @@ class DataPlane:
         in_flight = self.metrics.in_flight.labels(model.name, model.version) if self.metrics else None
         if in_flight:
             in_flight.inc()
+        self.running += 1
         try:
             batch = await prepare()
             return await model.batcher.submit(
@@ -441,6 +444,8 @@ class DataPlane:
             code = "INTERNAL"
             raise
         finally:
+            self.running -= 1
+            self.finished += 1
             if in_flight:
                 in_flight.dec()
             model.stats.request_done(code, time.monotonic() - start)
