@@ -1,10 +1,15 @@
-"""Give freed memory back to the system after a burst, so the burst does not raise the floor for good.
+"""Give freed memory back to the system, so a burst of large requests does not raise the floor for good.
 
 glibc keeps what a thread frees in that thread's heap arena for reuse and returns little of it:
 after one burst of large image requests (gRPC's buffers, decoded pixels on the decoding threads)
-the server stayed at 3.7 GB resident while holding 0.3 GB. `malloc_trim(0)` releases the free
-pages of every arena. It runs when the server has gone quiet, never under load: there the freed
-memory is about to be reused, and giving it back would only cost page faults.
+the server stayed at 3.7 GB resident while holding 0.3 GB. Two remedies, both glibc's own:
+
+- `mallopt(M_MMAP_THRESHOLD, 128 KiB)`: every block that large (messages, images, batches) gets
+  its own mapping and goes back to the system when freed. glibc starts there too, but raises the
+  threshold after the first large block is freed, and from then on such blocks fill the arenas.
+  Fixing it keeps them out: a burst of 48 requests of 16 VGA PNGs peaked at 0.2 GB, not 1 GB.
+- `malloc_trim(0)` releases the free pages left in every arena. It runs when the server has gone
+  quiet, never under load: there the freed memory is about to be reused.
 """
 
 from __future__ import annotations
@@ -14,22 +19,37 @@ import ctypes
 import ctypes.util
 import logging
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 TRIM_INTERVAL_S = 1.0
+MMAP_THRESHOLD = 128 << 10
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def _libc_function(name: str) -> Any:
+    """A function of glibc, or None where the C library lacks it (musl, macOS)."""
+    library = ctypes.util.find_library("c")
+    if library is None:
+        return None
+    try:
+        return getattr(ctypes.CDLL(library), name)
+    except (OSError, AttributeError):
+        return None
+
+
+def map_large_blocks(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Blocks of `threshold` bytes and more get their own mapping from now on; False where unsupported."""
+    mallopt = _libc_function("mallopt")
+    return bool(mallopt is not None and mallopt(_M_MMAP_THRESHOLD, threshold))
 
 
 def malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
+    """glibc's malloc_trim, or None where the C library has none."""
+    trim = _libc_function("malloc_trim")
+    if trim is not None:
+        trim.argtypes = [ctypes.c_size_t]
+        trim.restype = ctypes.c_int
     return trim
 
 

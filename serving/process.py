@@ -151,3 +151,10 @@ class ServerProcess:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+    def rss_bytes(self) -> int:
+        """The server's resident memory (Linux), for the memory checks of tests and benchmarks."""
+        if self.proc is None:
+            raise ServerExited("the server was never started")
+        pages = int(Path(f"/proc/{self.proc.pid}/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")

@@ -43,7 +43,7 @@ from serving.config import ServerConfig
 from serving.errors import ListenError
 from serving.http import HttpListener
 from serving.kserve import KServeServicer
-from serving.memory import trim_when_quiet
+from serving.memory import map_large_blocks, trim_when_quiet
 from serving.metrics import ServerMetrics
 from serving.repository import scan_repository, single_model
 from serving.rest import RestApi
@@ -110,6 +110,7 @@ class Server:
     async def start(self) -> None:
         """Bind, load every model, start batching; raises a StartError and leaves nothing running."""
         cfg = self.config
+        map_large_blocks()
         self._guard = CallGuard()
         self._grpc = self._services()
         try:
