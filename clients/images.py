@@ -21,8 +21,9 @@ from clients.errors import ClientError
 
 ImageInput: TypeAlias = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 
-# What `hrnet classify DIR` picks up from a folder; named files are sent whatever their suffix.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+# What `hrnet classify DIR` picks up from a folder: the formats the server decodes (no TIFF).
+# Named files are sent whatever their suffix.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 
 
 def is_single(images: object) -> bool:

@@ -21,6 +21,7 @@ def _folder_with_a_corrupt_image(digit_images: list, tmp_path: Path) -> Path:
     shutil.copy(digit_images[5].path, folder / "nested" / digit_images[5].path.name)
     (folder / "003_corrupt.png").write_bytes(digit_images[6].png[:40])  # a truncated PNG
     (folder / "notes.txt").write_text("not an image: skipped by suffix")
+    (folder / "scan.tif").write_bytes(b"II*\x00")  # a format the server refuses: skipped too
     return folder
 
 
@@ -31,7 +32,7 @@ def test_json_lines_for_a_folder_with_a_corrupt_image(
     code = main(["classify", str(folder), "--server", grpc_server.address, "--json", "--top-k", "3"])
     out, err = capsys.readouterr()
     records = [json.loads(line) for line in out.splitlines()]
-    # 5 + 1 nested + the corrupt one, in path order; notes.txt is not an image
+    # 5 + 1 nested + the corrupt one, in path order; notes.txt and scan.tif are skipped
     assert [r["image"] for r in records] == [str(p) for p in sorted(folder.rglob("*.png"))]
     assert len(records) == 7
     bad = [r for r in records if "error" in r]
