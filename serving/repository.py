@@ -2,7 +2,9 @@
 
 Layout: `REPO/<model>/<version>/model.onnx|model.mindir`, versions are positive integers, the
 newest is the default, and an optional `REPO/<model>/config.yaml` tunes the model. Problems are
-reported at start, all of them naming the path, so a bad deployment never half-starts.
+reported at start, all of them naming the path, so a bad deployment never half-starts. Nothing
+is read from outside the repository: `model_path` is the one way from a model name (and version)
+to a path, and a symlink that leads out is refused like a `../` in a name.
 """
 
 from __future__ import annotations
@@ -28,6 +30,28 @@ class ModelSource:
     config: ModelConfig
 
 
+def model_path(repo: Path, name: str, version: str = "") -> Path:
+    """REPO/<name>[/<version>], for names and versions that may come from a caller.
+
+    A name is one plain path component (no `/`, `..` or absolute path) and a version digits only;
+    the path, symlinks followed, must stay inside the repository.
+    """
+    if not NAME.match(name):
+        raise ModelLoadError(f"model name {name[:80]!r}: use letters, digits, '_', '-' and '.'")
+    if version and not version.isdigit():
+        raise ModelLoadError(f"model {name!r} version {version[:80]!r}: versions are positive integers")
+    path = repo / name / version if version else repo / name
+    return inside(repo, path)
+
+
+def inside(repo: Path, path: Path) -> Path:
+    """`path` itself, refused (ModelLoadError) when it resolves to somewhere outside `repo`."""
+    resolved, root = path.resolve(), repo.resolve()
+    if not resolved.is_relative_to(root):
+        raise ModelLoadError(f"{path} leads to {resolved}, outside the model repository {root}")
+    return path
+
+
 def scan_repository(repo: Path, defaults: ModelConfig) -> list[ModelSource]:
     if not repo.is_dir():
         raise ModelLoadError(f"model repository {repo} is not a directory")
@@ -35,7 +59,8 @@ def scan_repository(repo: Path, defaults: ModelConfig) -> list[ModelSource]:
     for model_dir in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if not NAME.match(model_dir.name):
             raise ModelLoadError(f"{model_dir}: model names use letters, digits, '_', '-' and '.'")
-        config = load_model_config(defaults, model_dir / "config.yaml")
+        model_path(repo, model_dir.name)
+        config = load_model_config(defaults, inside(repo, model_dir / "config.yaml"))
         versions = sorted(
             (p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=_version_key
         )
@@ -48,6 +73,7 @@ def scan_repository(repo: Path, defaults: ModelConfig) -> list[ModelSource]:
                     f"{version_dir}: expected exactly one of {', '.join(MODEL_FILES)}, found "
                     f"{', '.join(f.name for f in files) or 'none'}"
                 )
+            inside(repo, files[0])
             sources.append(ModelSource(model_dir.name, str(int(version_dir.name)), files[0], config))
     if not sources:
         raise ModelLoadError(f"model repository {repo} holds no models (expected REPO/<model>/1/model.onnx)")

@@ -14,7 +14,7 @@ from protos import grpc_service_pb2_grpc as pb_grpc
 from serving.backends import open_backend
 from serving.config import ModelConfig
 from serving.errors import ModelLoadError
-from serving.repository import resolve_metadata, scan_repository, single_model
+from serving.repository import model_path, resolve_metadata, scan_repository, single_model
 
 
 def test_versions_configs_and_layout_errors(model_repo, tmp_path: Path) -> None:
@@ -34,6 +34,45 @@ def test_versions_configs_and_layout_errors(model_repo, tmp_path: Path) -> None:
         scan_repository(repo, ModelConfig())
     with pytest.raises(ModelLoadError, match="is not a directory"):
         scan_repository(tmp_path / "nope", ModelConfig())
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "message"),
+    [
+        ("../etc", "", r"model name '\.\./etc': use letters"),
+        ("/etc", "", r"model name '/etc': use letters"),
+        ("a/../../etc", "", "use letters"),
+        ("..", "", "use letters"),
+        ("a", "../../etc", r"version '\.\./\.\./etc': versions are positive integers"),
+        ("a", "/1", "versions are positive integers"),
+    ],
+)
+def test_names_and_versions_cannot_leave_the_repository(tmp_path: Path, name, version, message) -> None:
+    (tmp_path / "repo" / "a" / "1").mkdir(parents=True)
+    assert model_path(tmp_path / "repo", "a", "1") == tmp_path / "repo" / "a" / "1"
+    with pytest.raises(ModelLoadError, match=message):
+        model_path(tmp_path / "repo", name, version)
+
+
+def test_symlinks_out_of_the_repository_are_refused(model_repo, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    (outside / "1").mkdir(parents=True)
+    shutil.copy(model_repo.onnx, outside / "1" / "model.onnx")
+    repo = tmp_path / "repo"
+    (repo / "inner" / "1").mkdir(parents=True)
+    (repo / "inner" / "1" / "model.onnx").symlink_to(repo / "inner" / "model.onnx")  # inside: fine
+    shutil.copy(model_repo.onnx, repo / "inner" / "model.onnx")
+    assert [s.name for s in scan_repository(repo, ModelConfig())] == ["inner"]
+    (repo / "linked").symlink_to(outside)  # a whole model folder elsewhere
+    with pytest.raises(
+        ModelLoadError, match=r"repo/linked leads to .*/outside, outside the model repository"
+    ):
+        scan_repository(repo, ModelConfig())
+    (repo / "linked").unlink()
+    (repo / "file" / "1").mkdir(parents=True)
+    (repo / "file" / "1" / "model.onnx").symlink_to(outside / "1" / "model.onnx")  # one file elsewhere
+    with pytest.raises(ModelLoadError, match=r"file/1/model.onnx leads to .*/outside/1/model.onnx, outside"):
+        scan_repository(repo, ModelConfig())
 
 
 def test_single_model_named_after_the_file(model_repo) -> None:
