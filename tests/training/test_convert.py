@@ -158,6 +158,27 @@ def test_pth_without_torch_is_a_clear_error(tmp_path):
         convert_official(pth, ARCH, tmp_path / "x.ckpt")
 
 
+class _Payload:
+    """Unpickling this runs code: what a hostile .pth file would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_a_pth_that_would_run_code_is_refused_unrun(tmp_path):
+    """.pth files are read with weights_only=True: only tensors and plain containers unpickle."""
+    torch = pytest.importorskip("torch")
+    marker = tmp_path / "ran"
+    pth = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "hook": _Payload(marker)}, pth)
+    with pytest.raises(ConversionError, match="is not a loadable PyTorch state dict"):
+        convert_official(pth, ARCH, tmp_path / "x.ckpt")
+    assert not marker.exists()
+
+
 # ---- with PyTorch: an independent implementation of the official architecture ----
 
 
