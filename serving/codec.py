@@ -25,6 +25,9 @@ SHM_BYTE_SIZE = "shared_memory_byte_size"
 # (`timout`) fails loudly instead of being ignored.
 REQUEST_PARAMETERS = ("priority", "timeout")
 MAX_RANK = 8  # dimensions a request tensor may declare; ours take 4 (NCHW) or 1 (BYTES)
+# Elements a declared shape may span, zero dimensions aside: far above any message, far below
+# what overflows numpy (a shape like [0, 2**40, 2**40] is empty, yet numpy refuses to make it).
+MAX_SPAN = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ def _shape(dims: list[int], what: str) -> tuple[int, ...]:
         raise InvalidArgument(
             f"{what}: shape {quote(list(dims))} must have 1 to {MAX_RANK} dimensions, each >= 0"
         )
+    if math.prod(max(int(d), 1) for d in dims) > MAX_SPAN:
+        raise InvalidArgument(f"{what}: shape {list(dims)} is larger than any tensor this server accepts")
     return tuple(int(d) for d in dims)
 
 

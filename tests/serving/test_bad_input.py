@@ -350,6 +350,15 @@ CORPUS = [
         r"\.\.\. \(3002 characters\) must have 1 to 8 dimensions, each >= 0$",
     ),
     Case(
+        "an empty shape whose other dimensions overflow (found by the fuzzer: was INTERNAL)",
+        "Classify",
+        lambda: cpb.ClassifyRequest(
+            model_name="hrnet", tensor=cpb.Tensor(datatype="FP32", shape=[32, 32, 0, 1570, 2708, 529640841])
+        ),
+        INVALID,
+        r"^tensor: shape \[32, 32, 0, 1570, 2708, 529640841\] is larger than any tensor this server accepts$",
+    ),
+    Case(
         "zero-size batch",
         "ModelInfer",
         lambda: tensor(np.zeros((0, 3, SIZE, SIZE), np.float32)),
