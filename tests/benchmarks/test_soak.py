@@ -1,0 +1,15 @@
+"""The overload soak, short: 25 s at twice the measured capacity, and every property it checks."""
+
+from __future__ import annotations
+
+from benchmarks.soak import SoakConfig, report, run_soak
+
+
+def test_a_short_soak_at_twice_capacity_holds_every_property(model_repo, tmp_path) -> None:
+    cfg = SoakConfig(model=model_repo.onnx, duration_s=25.0, capacity_s=5.0)
+    result = run_soak(cfg, log_path=tmp_path / "server.log")
+    print(report(result))
+    assert result.failures() == []
+    overloaded = result.client.get("RESOURCE_EXHAUSTED", 0) + result.client.get("DEADLINE_EXCEEDED", 0)
+    assert overloaded > 0.1 * result.sent  # it really was overloaded
+    assert result.client.get("CANCELLED", 0) > 0 and result.client.get("OK", 0) > 0
