@@ -108,6 +108,14 @@ ELSEWHERE: dict[str, Elsewhere] = {
     r"hrnet classify photo\.jpg": Elsewhere(
         "needs the W48 server above", "tests/clients/test_classify_cli.py::test_tables_for_named_files"
     ),
+    r"python -m benchmarks\.soak .*": Elsewhere(
+        "minutes of overload on both cores, and the demo's export",
+        "tests/benchmarks/test_soak.py::test_a_short_soak_at_twice_capacity_holds_every_property",
+    ),
+    r"HRNET_FUZZ_EXAMPLES=\d+ pytest .*": Elsewhere(
+        "a longer fuzz run (minutes); 40 examples per test run in make test",
+        "tests/serving/test_fuzz.py::test_zz_report_what_the_fuzzer_saw",
+    ),
     r"docker build .*": Elsewhere(
         "no Docker engine here", "tests/deploy/test_dockerfile.py::test_hadolint_passes"
     ),
