@@ -6,8 +6,10 @@
     hrnet bench peers    --model m.onnx [--concurrency 1,2,4,8,16,32]  # ours and MLServer, one run
     hrnet bench accuracy --model m.onnx --data VAL_DIR [--ckpt CKPT]   # top-1/5, against hrnet eval
     hrnet bench batching --model m.onnx [--concurrency 16] [--repeats 3]  # batching off vs on
+    hrnet bench soak     --model m.onnx [--duration 300] [--load 2]    # overload, and what must hold
 
-Every mode prints a table and takes `--json FILE` and `--report DIR` (Markdown, JSON, PNG plots).
+Every mode prints a table and takes `--json FILE`; all but soak also `--report DIR` (Markdown,
+JSON, PNG plots).
 Servers started here listen on 127.0.0.1 only and are always stopped.
 """
 
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from core.errors import CommandError
 
-MODES = ("ceiling", "load", "peers", "accuracy", "batching")
+MODES = ("ceiling", "load", "peers", "accuracy", "batching", "soak")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -90,6 +92,22 @@ def _ceiling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-ceiling", action="store_true", help="skip it (ratios are then not reported)")
 
 
+def _soak_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="ONNX or MINDIR file to serve")
+    parser.add_argument("--duration", type=float, default=300.0, help="seconds of overload (default 300)")
+    parser.add_argument("--load", type=float, default=2.0, help="offered load / capacity (default 2)")
+    parser.add_argument(
+        "--capacity-seconds", type=float, default=10.0, help="capacity measurement (default 10)"
+    )
+    parser.add_argument("--image-share", type=float, default=0.5, help="share of encoded-image requests")
+    parser.add_argument("--cancel-share", type=float, default=0.1, help="share cancelled by the client")
+    parser.add_argument("--deadline-ms", type=float, nargs=2, default=(50.0, 2000.0), metavar=("MIN", "MAX"))
+    parser.add_argument(
+        "--p99-bound-ms", type=float, default=2000.0, help="p99 of accepted requests, at most (default 2000)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n")[0] if __doc__ else None
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -153,6 +171,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _ceiling_options(p)
     _output(p)
 
+    p = modes.add_parser("soak", help="twice the measured capacity with deadlines and cancellations")
+    _soak_options(p)
+
 
 def _check(args: argparse.Namespace) -> None:
     if getattr(args, "workers", 1) < 1:
@@ -168,9 +189,11 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks import modes, report
+    from benchmarks import modes, report, soak
 
     _check(args)
+    if args.mode == "soak":
+        return soak.run(args)
     runners: dict[str, Callable[[argparse.Namespace], report.Report]] = {
         "ceiling": modes.ceiling,
         "load": modes.load,

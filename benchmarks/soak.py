@@ -1,6 +1,6 @@
 """Overload soak: a real `hrnet serve` driven at twice its measured capacity, and what must hold.
 
-    python -m benchmarks.soak --model model.onnx [--duration 300] [--load 2.0] [--json FILE]
+    hrnet bench soak --model model.onnx [--duration 300] [--load 2.0] [--json FILE]
 
 First the capacity is measured: `--concurrency` closed-loop callers for `--capacity-seconds`.
 Then requests arrive open-loop (Poisson) at `--load` times that rate for `--duration` seconds,
@@ -17,9 +17,10 @@ random delay. Checked at the end (and printed, exit 1 when one fails):
 - the p99 latency of accepted (OK) requests stays under `--p99-bound-ms` (default: the longest
   deadline, 2 s).
 
-Self-contained on purpose: `hrnet bench` has no subcommands yet; its shared load generator is
-being built separately. Traffic goes to 127.0.0.1 only and is bounded in time and in requests
-outstanding (`--max-outstanding`).
+It drives the server with its own asyncio generator rather than `benchmarks/loadgen.py`, whose
+requests carry neither per-request deadlines nor client cancellations, and which counts by
+level rather than following each request to its one ending. Traffic goes to 127.0.0.1 only and
+is bounded in time and in requests outstanding.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import collections
 import io
 import json
 import re
-import sys
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -40,6 +40,7 @@ import grpc
 import numpy as np
 from PIL import Image
 
+from core.errors import CommandError
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from serving.process import ServerProcess, free_port
@@ -332,24 +333,10 @@ def report(result: SoakResult) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, required=True, help="ONNX or MINDIR file to serve")
-    parser.add_argument("--duration", type=float, default=300.0, help="seconds of overload (default 300)")
-    parser.add_argument("--load", type=float, default=2.0, help="offered load / capacity (default 2)")
-    parser.add_argument(
-        "--capacity-seconds", type=float, default=10.0, help="capacity measurement (default 10)"
-    )
-    parser.add_argument("--image-share", type=float, default=0.5, help="share of encoded-image requests")
-    parser.add_argument("--cancel-share", type=float, default=0.1, help="share cancelled by the client")
-    parser.add_argument("--deadline-ms", type=float, nargs=2, default=(50.0, 2000.0), metavar=("MIN", "MAX"))
-    parser.add_argument(
-        "--p99-bound-ms", type=float, default=2000.0, help="p99 of accepted requests, at most (default 2000)"
-    )
-    parser.add_argument("--json", type=Path, help="also write the figures as JSON")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """`hrnet bench soak`: print the figures; exit 1 when a property did not hold."""
     if not args.model.is_file():
-        parser.error(f"model file {args.model} does not exist")
+        raise CommandError(f"model file {args.model} does not exist")
     cfg = SoakConfig(
         model=args.model,
         duration_s=args.duration,
@@ -365,7 +352,3 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(asdict(result), indent=2) + "\n")
     return 1 if result.failures() else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

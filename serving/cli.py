@@ -64,6 +64,7 @@ async def serve(config: ServerConfig) -> NoReturn:
     await stop.wait()
     log.info("signal received: draining", extra={"grace_period_s": config.grace_period_s})
     drained = await server.drain()
+    await server.plane.tracing.close()  # export the spans still pending; the process ends next
     exit_now(0 if drained else 1)
 
 

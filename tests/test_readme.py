@@ -108,7 +108,7 @@ ELSEWHERE: dict[str, Elsewhere] = {
     r"hrnet classify photo\.jpg": Elsewhere(
         "needs the W48 server above", "tests/clients/test_classify_cli.py::test_tables_for_named_files"
     ),
-    r"python -m benchmarks\.soak .*": Elsewhere(
+    r"hrnet bench soak .*": Elsewhere(
         "minutes of overload on both cores, and the demo's export",
         "tests/benchmarks/test_soak.py::test_a_short_soak_at_twice_capacity_holds_every_property",
     ),
