@@ -62,7 +62,7 @@ class SoakConfig:
     deadline_ms: tuple[float, float] = (50.0, 2000.0)
     p99_bound_ms: float = 2000.0  # the longest deadline: accepted requests never wait past theirs
     max_outstanding: int = 1024
-    connections: int = 4  # clients, each on its own connection (a server holds 256 calls per connection)
+    connections: int = 8  # clients, each on its own connection (a server holds 256 calls per connection)
     seed: int = 0
     server_args: tuple[str, ...] = ()
 
