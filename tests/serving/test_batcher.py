@@ -252,6 +252,26 @@ async def test_priority_orders_the_queue() -> None:
     await b.close()
 
 
+async def test_no_priority_a_client_can_send_ranks_below_none() -> None:
+    """The data plane queues requests without a priority at DEFAULT_PRIORITY: above any uint64.
+
+    Was 1 << 31, so a client's priority 2**40 queued behind requests that named none."""
+    from serving.service import DEFAULT_PRIORITY
+
+    runner = Doubler()
+    runner.gate.clear()
+    b = await _started([runner], max_batch_size=1, max_queue_delay_us=0)
+    busy = asyncio.create_task(b.submit(items(0)))
+    await _wait_entered(runner)
+    unnamed = asyncio.create_task(b.submit(items(1), priority=DEFAULT_PRIORITY))
+    largest = asyncio.create_task(b.submit(items(2), priority=(1 << 64) - 1))
+    await asyncio.sleep(0.01)
+    runner.gate.set()
+    await asyncio.gather(busy, unnamed, largest)
+    assert [float(x[0, 0]) for x in runner.batches] == [0, 2, 1]
+    await b.close()
+
+
 async def test_on_run_reports_each_chunks_timings_in_order() -> None:
     runner = Doubler()
     runner.gate.clear()
