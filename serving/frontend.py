@@ -49,6 +49,7 @@ from serving.ipc import Allocator, Arena, Link, aligned, open_link
 from serving.kserve import KServeInference
 from serving.logs import configure
 from serving.preprocess import ImagePreprocessor
+from serving.rpc import CallGuard
 from serving.service import InferInput, ModelView, check_input, convert_input, deadline_after, resolve
 from serving.shm import RegionInfo, SharedMemoryRegistry
 from serving.tracing import Tracing
@@ -391,8 +392,12 @@ class FrontEnd:
     def _server(self, config: ServerConfig, owner: grpc.aio.Channel) -> grpc.aio.Server:
         assert self.plane is not None and self.regions is not None
         server = grpc.aio.server(
-            interceptors=auth.interceptors(config.auth_token),
-            options=[*_limits(config), ("grpc.so_reuseport", 1)],
+            interceptors=[CallGuard(), *auth.interceptors(config.auth_token)],
+            options=[
+                *_limits(config),
+                ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+                ("grpc.so_reuseport", 1),
+            ],
         )
         server.add_generic_rpc_handlers([_inference_handlers(KServeInference(self.plane, self.regions))])
         classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.plane), server)
