@@ -326,7 +326,7 @@ CORPUS = [
         "ModelInfer",
         lambda: tensor(good_batch().astype(np.int32), datatype="INT32"),
         INVALID,
-        r"^input 'image': datatype 'INT32' not supported; use FP32, FP16 or BYTES$",
+        r"^input 'image': datatype 'INT32' not supported; use FP32, FP16, UINT8 or BYTES$",
     ),
     Case(
         "wrong rank",
