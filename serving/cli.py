@@ -15,7 +15,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import NoReturn
 
@@ -25,6 +24,7 @@ from serving.backends import backend_names
 from serving.config import ConfigError, ServerConfig, load_server_config
 from serving.errors import StartError
 from serving.logs import configure
+from serving.rpc import exit_now
 from serving.server import Server
 
 log = logging.getLogger(__name__)
@@ -66,16 +66,3 @@ async def serve(config: ServerConfig) -> NoReturn:
     drained = await server.drain()
     await server.plane.tracing.close()  # export the spans still pending; the process ends next
     exit_now(0 if drained else 1)
-
-
-def exit_now(code: int) -> NoReturn:
-    """End the process without shutting gRPC down, once every accepted call has been answered.
-
-    gRPC's own shutdown cancels the calls that reach it while it runs, and their callers see
-    CANCELLED, which most clients (Triton's among them) do not retry. Closing the sockets with the
-    process shows such callers UNAVAILABLE instead, which every client treats as "try again".
-    """
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

@@ -49,7 +49,7 @@ from serving.ipc import Allocator, Arena, Link, aligned, open_link
 from serving.kserve import KServeInference
 from serving.logs import configure
 from serving.preprocess import ImagePreprocessor
-from serving.rpc import CallGuard
+from serving.rpc import FLUSH_S, CallGuard, exit_now
 from serving.service import InferInput, ModelView, check_input, convert_input, deadline_after, resolve
 from serving.shm import RegionInfo, SharedMemoryRegistry
 from serving.tracing import Tracing
@@ -349,9 +349,11 @@ class FrontEnd:
         self._stop: asyncio.Future[float] | None = None
         self.plane: FrontPlane | None = None
         self.regions: SharedMemoryRegistry | None = None
+        self._guard: CallGuard | None = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        self._guard = CallGuard()
         self._first, self._stop = loop.create_future(), loop.create_future()
         link = await open_link(socket.socket(fileno=self._link_fd), self._on_message, self._on_lost)
         try:
@@ -379,10 +381,12 @@ class FrontEnd:
             await server.start()
             link.send(("listening",))
             grace_s = await self._stop
-            await server.stop(grace_s)
-        self.plane.close()
-        link.close()
-        return 0
+            # As the owner does (serving.rpc.exit_now): answer what was accepted, then leave without
+            # gRPC's shutdown, whose race cancels the calls that reach it meanwhile.
+            assert self._guard is not None
+            await self._guard.wait_idle(grace_s)
+            await asyncio.sleep(FLUSH_S)
+            exit_now(0)
 
     def _tag(self, record: logging.LogRecord) -> bool:
         """Every log line of this process names it: `worker` I."""
@@ -390,9 +394,9 @@ class FrontEnd:
         return True
 
     def _server(self, config: ServerConfig, owner: grpc.aio.Channel) -> grpc.aio.Server:
-        assert self.plane is not None and self.regions is not None
+        assert self.plane is not None and self.regions is not None and self._guard is not None
         server = grpc.aio.server(
-            interceptors=[CallGuard(), *auth.interceptors(config.auth_token)],
+            interceptors=[self._guard, *auth.interceptors(config.auth_token)],
             options=[
                 *_limits(config),
                 ("grpc.max_concurrent_streams", config.max_concurrent_streams),

@@ -12,9 +12,11 @@ import asyncio
 import functools
 import inspect
 import logging
+import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -22,6 +24,7 @@ from serving.errors import InvalidArgument, describe
 
 log = logging.getLogger(__name__)
 
+FLUSH_S = 0.5  # after the last answer was handed to gRPC: time for it to leave through the socket
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
@@ -258,3 +261,16 @@ def _streaming(behaviour: Callable[..., Any]) -> Callable[..., Any] | None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     return call
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process without shutting gRPC down, once every accepted call has been answered.
+
+    gRPC's own shutdown cancels the calls that reach it while it runs, and their callers see
+    CANCELLED, which most clients (Triton's among them) do not retry. Closing the sockets with the
+    process shows such callers UNAVAILABLE instead, which every client treats as "try again".
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -47,7 +47,7 @@ from serving.memory import map_large_blocks, trim_when_quiet
 from serving.metrics import ServerMetrics
 from serving.repository import scan_repository, single_model
 from serving.rest import RestApi
-from serving.rpc import CallGuard
+from serving.rpc import FLUSH_S, CallGuard
 from serving.service import DataPlane, LoadedModel, load_model
 from serving.shm import SharedMemoryRegistry
 from serving.supervisor import FrontEnds
@@ -62,7 +62,6 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 START_TIMEOUT_S = 600.0  # of start_background: loading a large model on a slow disk
 T = TypeVar("T")
-FLUSH_S = 0.5  # after the last answer was handed over: time for it to leave through the socket
 
 
 class Server:

@@ -107,7 +107,8 @@ def test_sigterm_drains_accepted_work_then_exits_0(model_repo, digit_images, tmp
             proc.wait()
 
 
-def test_sigterm_under_load_ends_every_call_ok_or_unavailable(model_repo, tmp_path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"], ids=["one process", "two front ends"])
+def test_sigterm_under_load_ends_every_call_ok_or_unavailable(model_repo, tmp_path, workers) -> None:
     """16 tritonclient callers (a child process) and 16 of ours, retries off, through SIGTERM.
 
     Was: calls reaching gRPC while it shut down came back CANCELLED (15 of ~3,700), which Triton's
@@ -116,7 +117,7 @@ def test_sigterm_under_load_ends_every_call_ok_or_unavailable(model_repo, tmp_pa
     repo = tmp_path / "repo"
     (repo / "hrnet" / "1").mkdir(parents=True)
     shutil.copy(model_repo.onnx, repo / "hrnet" / "1" / "model.onnx")
-    server = ServerProcess(["--repo", str(repo), "--metrics-port", "-1"])
+    server = ServerProcess(["--repo", str(repo), "--metrics-port", "-1", "--workers", workers])
     server.start()
     triton = subprocess.Popen(
         [sys.executable, str(TRITON_LOAD), server.address, "16", "8"], stdout=subprocess.PIPE, text=True
