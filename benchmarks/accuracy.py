@@ -58,7 +58,7 @@ def image_folder(root: Path) -> tuple[list[str], list[LabelledImage]]:
     return classes, images
 
 
-def classify_all(
+async def classify_all(
     address: str,
     api: Api,
     model: ModelInfo,
@@ -67,17 +67,6 @@ def classify_all(
     timeout_s: float,
 ) -> tuple[list[list[int] | None], float]:
     """Top-5 indices per image (None where the request failed) and the images/s, one image per request."""
-    return asyncio.run(_classify_all(address, api, model, images, in_flight, timeout_s))
-
-
-async def _classify_all(
-    address: str,
-    api: Api,
-    model: ModelInfo,
-    images: Sequence[LabelledImage],
-    in_flight: int,
-    timeout_s: float,
-) -> tuple[list[list[int] | None], float]:
     results: list[list[int] | None] = [None] * len(images)
     failures: list[str] = []
     gate = asyncio.Semaphore(in_flight)

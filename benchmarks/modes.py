@@ -8,6 +8,7 @@ happens (an ExitStack around every process).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import shlex
 import sys
@@ -120,8 +121,8 @@ def accuracy(args: argparse.Namespace) -> Report:
     classes, images = image_folder(args.data)
     api = make_api(args.api, top_k=5)
     with hrnet_target(source, _device_flags(args), device=args.device) as target:
-        predictions, img_s = classify_all(
-            target.address, api, target.model, images, args.concurrency, args.timeout
+        predictions, img_s = asyncio.run(
+            classify_all(target.address, api, target.model, images, args.concurrency, args.timeout)
         )
     top1, top5 = scores(predictions, [image.label for image in images])
     result = {

@@ -20,6 +20,7 @@ import numpy as np
 from core.errors import CommandError
 from protos import classifier_pb2 as cpb
 from protos import grpc_service_pb2 as kpb
+from protos.grpc_service_pb2_grpc import GRPCInferenceServiceStub as Stub
 from serving.codec import join_bytes_elements
 
 KSERVE = "kserve"
@@ -47,11 +48,7 @@ def fetch_model_info(address: str, model: str = "", timeout_s: float = 10.0) -> 
     with grpc.insecure_channel(address) as channel:
         name = model or _only_model(channel, address, timeout_s)
         try:
-            meta = channel.unary_unary(
-                "/inference.GRPCInferenceService/ModelMetadata",
-                request_serializer=kpb.ModelMetadataRequest.SerializeToString,
-                response_deserializer=kpb.ModelMetadataResponse.FromString,
-            )(kpb.ModelMetadataRequest(name=name), timeout=timeout_s)
+            meta = Stub(channel).ModelMetadata(kpb.ModelMetadataRequest(name=name), timeout=timeout_s)
         except grpc.RpcError as exc:
             raise CommandError(f"{address}: ModelMetadata of {name!r} failed: {_describe(exc)}") from None
         if not meta.inputs or len(meta.inputs[0].shape) < 3:
@@ -66,11 +63,7 @@ def server_name(address: str, timeout_s: float = 10.0) -> str:
     """ "triton 2.41.0", "mlserver 1.7.1", "hrnet 0.1.0": what the server says it is (ServerMetadata)."""
     with grpc.insecure_channel(address) as channel:
         try:
-            meta = channel.unary_unary(
-                "/inference.GRPCInferenceService/ServerMetadata",
-                request_serializer=kpb.ServerMetadataRequest.SerializeToString,
-                response_deserializer=kpb.ServerMetadataResponse.FromString,
-            )(kpb.ServerMetadataRequest(), timeout=timeout_s)
+            meta = Stub(channel).ServerMetadata(kpb.ServerMetadataRequest(), timeout=timeout_s)
         except grpc.RpcError as exc:
             raise CommandError(f"{address}: ServerMetadata failed: {_describe(exc)}") from None
     return f"{meta.name} {meta.version}".strip() or address
@@ -78,11 +71,7 @@ def server_name(address: str, timeout_s: float = 10.0) -> str:
 
 def _only_model(channel: grpc.Channel, address: str, timeout_s: float) -> str:
     try:
-        stats = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelStatistics",
-            request_serializer=kpb.ModelStatisticsRequest.SerializeToString,
-            response_deserializer=kpb.ModelStatisticsResponse.FromString,
-        )(kpb.ModelStatisticsRequest(), timeout=timeout_s)
+        stats = Stub(channel).ModelStatistics(kpb.ModelStatisticsRequest(), timeout=timeout_s)
     except grpc.RpcError as exc:
         raise CommandError(
             f"{address} cannot list its models ({_describe(exc)}); give --model-name"
@@ -95,11 +84,7 @@ def _only_model(channel: grpc.Channel, address: str, timeout_s: float) -> str:
 
 def _max_batch(channel: grpc.Channel, name: str, timeout_s: float) -> int:
     try:
-        response = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelConfig",
-            request_serializer=kpb.ModelConfigRequest.SerializeToString,
-            response_deserializer=kpb.ModelConfigResponse.FromString,
-        )(kpb.ModelConfigRequest(name=name), timeout=timeout_s)
+        response = Stub(channel).ModelConfig(kpb.ModelConfigRequest(name=name), timeout=timeout_s)
     except grpc.RpcError:
         return 0  # KServe servers other than Triton and ours have no ModelConfig
     return int(response.config.max_batch_size)

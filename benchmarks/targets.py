@@ -23,6 +23,7 @@ import grpc
 from benchmarks.protocol import ModelInfo, fetch_model_info, server_name
 from core.errors import CommandError
 from protos import grpc_service_pb2 as kpb
+from protos.grpc_service_pb2_grpc import GRPCInferenceServiceStub as Stub
 from serving.config import ModelConfig
 from serving.errors import ModelLoadError
 from serving.process import ServerExited, ServerProcess
@@ -129,11 +130,8 @@ class StatisticsProbe:
     def _read(self) -> kpb.ModelStatistics | None:
         try:
             with grpc.insecure_channel(self.address) as channel:
-                response = channel.unary_unary(
-                    "/inference.GRPCInferenceService/ModelStatistics",
-                    request_serializer=kpb.ModelStatisticsRequest.SerializeToString,
-                    response_deserializer=kpb.ModelStatisticsResponse.FromString,
-                )(kpb.ModelStatisticsRequest(name=self.model), timeout=10)
+                request = kpb.ModelStatisticsRequest(name=self.model)
+                response = Stub(channel).ModelStatistics(request, timeout=10)
         except grpc.RpcError:
             return None
         # Several versions: add them up (the newest serves unversioned requests).

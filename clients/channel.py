@@ -11,11 +11,10 @@ import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 
-from clients.errors import ClientError
+from clients.errors import read_local_file
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +55,7 @@ class TlsConfig:
 def _read_pem(source: PemSource | None, what: str) -> bytes | None:
     if source is None or isinstance(source, bytes):
         return source
-    try:
-        return Path(source).read_bytes()
-    except OSError as exc:
-        raise ClientError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"cannot read the {what} {str(source)!r}: {exc}"
-        ) from exc
+    return read_local_file(source, f"the {what}")
 
 
 # Targets starting with a gRPC name-resolver scheme go to gRPC exactly as written.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import grpc
 
 _CODES_BY_VALUE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
@@ -31,3 +34,13 @@ class ClientError(Exception):
     def from_code_value(cls, value: int, message: str) -> ClientError:
         """For statuses carried inside a message body (a failed item of ClassifyStream)."""
         return cls(_CODES_BY_VALUE.get(value, grpc.StatusCode.UNKNOWN), message)
+
+
+def read_local_file(path: str | os.PathLike, what: str) -> bytes:
+    """A local file the caller named (an image, a certificate): unreadable is INVALID_ARGUMENT."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ClientError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"cannot read {what} {str(path)!r}: {exc}"
+        ) from exc

@@ -13,11 +13,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TypeAlias
 
-import grpc
 import numpy as np
 from PIL import Image
 
-from clients.errors import ClientError
+from clients.errors import read_local_file
 
 ImageInput: TypeAlias = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 
@@ -46,12 +45,7 @@ def as_list(images: ImageInput | Iterable[ImageInput]) -> list[ImageInput]:
 def encode_image(image: ImageInput) -> bytes:
     """Encoded bytes for one image; an unreadable file is a ClientError(INVALID_ARGUMENT) naming it."""
     if isinstance(image, (str, os.PathLike)):
-        try:
-            return Path(image).read_bytes()
-        except OSError as exc:
-            raise ClientError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"cannot read image {str(image)!r}: {exc}"
-            ) from exc
+        return read_local_file(image, "image")
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
     if isinstance(image, Image.Image):

@@ -9,7 +9,7 @@ import grpc
 from protos import classifier_pb2 as pb
 from protos import classifier_pb2_grpc
 from serving import codec
-from serving.rpc import concurrently, grpc_errors, remaining_s, status_of
+from serving.rpc import concurrently, grpc_errors, remaining_s
 from serving.service import InferencePlane
 
 
@@ -47,12 +47,13 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
         self, requests: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ClassifyResponse]:
         async def handle(request: pb.ClassifyRequest) -> pb.ClassifyResponse:
-            try:
-                return await self._classify(request, context, "ClassifyStream")
-            except Exception as exc:
-                code, message = status_of(exc)
-                error = pb.Error(code=code.value[0], message=message)
-                return pb.ClassifyResponse(model_name=request.model_name, id=request.id, error=error)
+            return await self._classify(request, context, "ClassifyStream")
 
-        async for response in concurrently(requests, handle):
+        def error_response(
+            request: pb.ClassifyRequest, code: grpc.StatusCode, message: str
+        ) -> pb.ClassifyResponse:
+            error = pb.Error(code=code.value[0], message=message)
+            return pb.ClassifyResponse(model_name=request.model_name, id=request.id, error=error)
+
+        async for response in concurrently(requests, handle, error_response):
             yield response

@@ -22,7 +22,7 @@ from serving import codec
 from serving.codec import InferOptions
 from serving.errors import InvalidArgument
 from serving.preprocess import ACCEPTED_FORMATS
-from serving.rpc import concurrently, grpc_errors, remaining_s, status_of
+from serving.rpc import concurrently, grpc_errors, remaining_s
 from serving.service import DataPlane, InferencePlane, InferInput, LoadedModel, ServedModel
 from serving.shm import Region, RegionInfo, SharedMemoryRegistry, ShmRef
 from serving.stats import Duration
@@ -100,17 +100,16 @@ class KServeInference:
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         async def handle(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
-            try:
-                infer_response = await self._infer(request, context, "ModelStreamInfer")
-                return pb.ModelStreamInferResponse(infer_response=infer_response)
-            except Exception as exc:
-                code, message = status_of(exc)
-                echo = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
-                return pb.ModelStreamInferResponse(
-                    error_message=f"{code.name}: {message}", infer_response=echo
-                )
+            infer_response = await self._infer(request, context, "ModelStreamInfer")
+            return pb.ModelStreamInferResponse(infer_response=infer_response)
 
-        async for response in concurrently(requests, handle):
+        def error_response(
+            request: pb.ModelInferRequest, code: grpc.StatusCode, message: str
+        ) -> pb.ModelStreamInferResponse:
+            echo = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+            return pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}", infer_response=echo)
+
+        async for response in concurrently(requests, handle, error_response):
             yield response
 
 

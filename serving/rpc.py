@@ -73,12 +73,15 @@ class _End:
 
 
 async def concurrently(
-    requests: AsyncIterator[Req], handle: Callable[[Req], Awaitable[Resp]]
+    requests: AsyncIterator[Req],
+    handle: Callable[[Req], Awaitable[Resp]],
+    error_response: Callable[[Req, grpc.StatusCode, str], Resp],
 ) -> AsyncIterator[Resp]:
     """Serve a bidirectional stream: each request handled as it arrives, responses as they finish.
 
     Running a stream's requests concurrently lets one streaming client fill batches by itself.
-    `handle` turns its own failures into error responses. The stream ends when the client's side
+    A request that fails becomes `error_response(request, code, message)` in the stream (each
+    protocol says errors its own way) and the stream goes on. The stream ends when the client's side
     is done and every response is out; when reading the client's side fails (a malformed message),
     the requests already accepted are answered first, then the error ends the call. What is
     pending is cancelled if the call dies.
@@ -87,7 +90,11 @@ async def concurrently(
     pending: set[asyncio.Task[None]] = set()
 
     async def one(request: Req) -> None:
-        await responses.put(await handle(request))
+        try:
+            response = await handle(request)
+        except Exception as exc:
+            response = error_response(request, *status_of(exc))
+        await responses.put(response)
 
     async def read() -> None:
         error: Exception | None = None

@@ -26,6 +26,7 @@ from benchmarks.targets import Target, started
 from core.atomic import atomic_write_text
 from core.errors import CommandError
 from protos import grpc_service_pb2 as kpb
+from protos.grpc_service_pb2_grpc import GRPCInferenceServiceStub as Stub
 from serving.process import ServerProcess, free_port
 
 MLSERVER_VERSION = "1.7.1"
@@ -139,11 +140,7 @@ class MLServerProcess(ServerProcess):
 
     def probe(self, channel: grpc.Channel) -> bool:
         try:
-            reply = channel.unary_unary(
-                "/inference.GRPCInferenceService/ModelReady",
-                request_serializer=kpb.ModelReadyRequest.SerializeToString,
-                response_deserializer=kpb.ModelReadyResponse.FromString,
-            )(kpb.ModelReadyRequest(name=self.model_name), timeout=2)
+            reply = Stub(channel).ModelReady(kpb.ModelReadyRequest(name=self.model_name), timeout=2)
         except grpc.RpcError:
             return False
         return bool(reply.ready)
