@@ -588,6 +588,10 @@ def _baseline(channel: grpc.Channel) -> np.ndarray:
     return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(4, -1).copy()
 
 
+# The defect multiplied the floor by 4 to 10; allocator noise under a loaded CI machine is ~10%.
+FLOOR_GROWTH = 1.25
+
+
 def _settled_rss(server: ServerProcess) -> int:
     time.sleep(2.5)  # the server trims its heap once it has been quiet for a second
     return server.rss_bytes()
@@ -658,7 +662,7 @@ def test_after_the_corpus_the_server_answers_exactly_as_before(corpus_server) ->
     server, channel, baseline, rss_before = corpus_server
     np.testing.assert_array_equal(_baseline(channel), baseline)
     rss_after = _settled_rss(server)
-    assert rss_after <= 1.1 * rss_before, (rss_before >> 20, rss_after >> 20)
+    assert rss_after <= FLOOR_GROWTH * rss_before, (rss_before >> 20, rss_after >> 20)
 
 
 def test_a_burst_of_large_images_does_not_raise_the_memory_floor(corpus_server) -> None:
@@ -673,4 +677,4 @@ def test_a_burst_of_large_images_does_not_raise_the_memory_floor(corpus_server) 
         peak = max(server.rss_bytes() for _ in range(20) if not time.sleep(0.1))
         assert all(call.result().outputs[0].shape[0] == 16 for call in calls)
     rss_after = _settled_rss(server)
-    assert rss_after <= 1.1 * rss_before, (rss_before >> 20, peak >> 20, rss_after >> 20)
+    assert rss_after <= FLOOR_GROWTH * rss_before, (rss_before >> 20, peak >> 20, rss_after >> 20)
