@@ -1,4 +1,10 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never half of one."""
+"""Atomic file writes: a reader sees the old file or the complete new one, never half of one.
+
+The file gets the mode an ordinary `open(path, "w")` would give it (0666 less the umask), not
+the 0600 of a temporary file nor the 0400 MindSpore gives its checkpoints and MINDIR files: a
+server running as another user (a container's non-root user reading a mounted repository) must
+be able to read what training and export wrote.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ def atomic_path(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
@@ -36,6 +43,21 @@ def atomic_path(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
             os.close(dir_fd)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (another thread may be
+    creating files); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(target: str | Path, text: str, overwrite: bool = True) -> None:

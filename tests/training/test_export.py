@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,8 @@ import onnxruntime as ort
 import pytest
 from mindspore import nn, ops
 
-from core.metadata import METADATA_KEY, ModelMetadata, read_sidecar
+from core.atomic import current_umask
+from core.metadata import METADATA_KEY, ModelMetadata, read_sidecar, sidecar_path
 from hrnet.cli import main
 from training.checkpoint import load_into, read_checkpoint, save_checkpoint
 from training.export import (
@@ -256,3 +258,10 @@ def test_w48_parity_at_batch_1(tmp_path):
         print(f"w48 {name} max diff {diff:.3g} (max |logit| {np.abs(expected).max():.3g})")
         assert diff <= parity_bound(expected), name
         assert logits.argmax() == expected.argmax(), name
+
+
+def test_checkpoint_and_exports_are_readable_by_others_under_the_umask(ckpt, exported):
+    """MindSpore writes checkpoints and MINDIR 0400; a server running as another user must read them."""
+    expected = 0o666 & ~current_umask()
+    for path in (ckpt, exported["ONNX"], exported["MINDIR"], sidecar_path(exported["MINDIR"])):
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
