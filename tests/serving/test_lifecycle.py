@@ -8,6 +8,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -200,3 +201,23 @@ def test_bad_setting_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "max_batch_size must be >= 1, got 0" in proc.stderr
+
+
+@pytest.mark.parametrize("which", ["--port", "--http-port", "--metrics-port"])
+def test_a_busy_port_is_one_line_and_exit_2(model_repo, which: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = str(busy.getsockname()[1])
+        ports = {"--port": "0", "--http-port": "0", "--metrics-port": "0", which: taken}
+        proc = subprocess.run(
+            [*HRNET, "serve", "--model", str(model_repo.onnx), "--host", "127.0.0.1"]
+            + [arg for flag, port in ports.items() for arg in (flag, port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    (error,) = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert error.startswith("hrnet serve: error: cannot") and taken in error
