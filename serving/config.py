@@ -26,8 +26,9 @@ MiB = 1 << 20
 MAX_IMAGE_PIXELS = 50_000_000
 # Per request: four such photos, or sixteen 12-megapixel phone photos; about a second of decoding.
 MAX_REQUEST_PIXELS = 200_000_000
+CONTROL_MODES = ("none", "poll", "explicit")
 
-__all__ = ["BatchingConfig", "ConfigError", "ModelConfig", "ServerConfig"]
+__all__ = ["BatchingConfig", "ConfigError", "ModelConfig", "ServerConfig", "VersionPolicy"]
 
 
 def usable_cores() -> int:
@@ -82,6 +83,41 @@ class BatchingConfig:
 
 
 @dataclass(frozen=True)
+class VersionPolicy:
+    """Which of a model's version folders are served, as Triton's `version_policy` (same default)."""
+
+    latest: int = setting(
+        1, "serve the newest N versions (unless all or specific is set)", flag="latest-versions"
+    )
+    specific: tuple[int, ...] = setting((), "serve exactly these versions", flag="specific-versions")
+    all: bool = setting(False, "serve every version", flag="all-versions")
+
+    def __post_init__(self) -> None:
+        if self.latest < 1:
+            raise ConfigError(f"version_policy.latest must be >= 1, got {self.latest}")
+        if self.all and self.specific:
+            raise ConfigError("version_policy: give all or specific, not both")
+        if any(v < 1 for v in self.specific):
+            raise ConfigError(f"version_policy.specific: versions are >= 1, got {list(self.specific)}")
+
+    def select(self, versions: list[int]) -> list[int]:
+        """The versions to serve out of those present, ascending."""
+        present = sorted(versions)
+        if self.all:
+            return present
+        if self.specific:
+            return [v for v in present if v in self.specific]
+        return present[-self.latest :]
+
+    def describe(self) -> str:
+        if self.all:
+            return "all"
+        if self.specific:
+            return "specific " + ",".join(map(str, self.specific))
+        return f"latest {self.latest}"
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """How one model is run: backend, device, instances and preprocessing overrides."""
 
@@ -94,9 +130,13 @@ class ModelConfig:
     )
     instances: int = setting(1, "copies of the model executing batches concurrently")
     threads_per_instance: int = setting(
-        0, "intra-op threads per instance; 0: cores // instances, never more than the cores", flag="threads"
+        0,
+        "intra-op threads per instance; 0: the cores shared among every instance of every model "
+        "version served, at least 1 each",
+        flag="threads",
     )
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     # Preprocessing overrides for models without our metadata (or to correct it); 0/empty: from
     # the model's metadata, else from its input shape with ImageNet normalization.
     input_size: int = setting(0, "square input the network sees; 0: from the model card or input shape")
@@ -116,11 +156,13 @@ class ModelConfig:
         if self.threads_per_instance < 0:
             raise ConfigError(f"threads_per_instance must be >= 0, got {self.threads_per_instance}")
 
-    def intra_op_threads(self, cores: int | None = None) -> int:
-        """Threads for one instance: never more in total than the machine has cores."""
+    def intra_op_threads(self, cores: int | None = None, instances_served: int = 0) -> int:
+        """Threads for one instance when `instances_served` instances (of every model and version,
+        this model's included) share the machine: together never more than the cores, unless
+        there are more instances than cores (each gets one)."""
         if self.threads_per_instance:
             return self.threads_per_instance
-        return max(1, (cores or os.cpu_count() or 1) // self.instances)
+        return max(1, (cores or os.cpu_count() or 1) // max(self.instances, instances_served))
 
 
 @dataclass(frozen=True)
@@ -143,6 +185,25 @@ class ServerConfig:
     repo: str = setting("", "model repository: REPO/<model>/<version>/model.onnx|model.mindir")
     model: str = setting("", "serve this one model file instead of a repository")
     model_name: str = setting("", "name for --model; empty: the file's stem (or its folder for model.onnx)")
+    model_control: str = setting(
+        "none",
+        "none: load every model at start, never rescan; poll: also rescan the repository every "
+        "repository_poll_s, loading new or changed versions and unloading removed ones; explicit: "
+        "load only --load-model at start, then what RepositoryModelLoad/Unload ask for",
+    )
+    repository_poll_s: float = setting(
+        15.0,
+        "with model_control poll: seconds between rescans (a version loads once its files are "
+        "unchanged across two scans)",
+    )
+    load_models: tuple[str, ...] = setting(
+        (), "with model_control explicit: models to load at start; * for all", flag="load-model"
+    )
+    exit_on_error: bool = setting(
+        False,
+        "a model that fails to load at start stops the start (exit 2); off: it is reported "
+        "UNAVAILABLE and the others serve (a start with nothing loadable fails either way)",
+    )
     max_message_mb: int = setting(
         64, "gRPC message limit both ways, MiB; 64 FP32 images at 224 are 38.5 MiB (gRPC's 4 MiB holds 6)"
     )
@@ -213,6 +274,18 @@ class ServerConfig:
                 f"max_message_mb and max_concurrent_streams must be >= 1, got {self.max_message_mb} "
                 f"and {self.max_concurrent_streams}"
             )
+        if self.model_control not in CONTROL_MODES:
+            raise ConfigError(
+                f"model_control must be one of {', '.join(CONTROL_MODES)}, got {self.model_control!r}"
+            )
+        if self.model and self.model_control != "none":
+            raise ConfigError(
+                "model_control poll and explicit need a model repository (repo), not one model file"
+            )
+        if self.load_models and self.model_control != "explicit":
+            raise ConfigError("load_models (--load-model) needs model_control explicit")
+        if self.repository_poll_s <= 0:
+            raise ConfigError(f"repository_poll_s must be > 0, got {self.repository_poll_s}")
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"log_format must be json or text, got {self.log_format!r}")
         if self.grace_period_s < 0 or self.preprocess_workers < 0:
@@ -259,7 +332,15 @@ def load_server_config(
 
 
 def load_model_config(defaults: ModelConfig, file: Path) -> ModelConfig:
-    """`defaults` overridden by the model's own config.yaml when it exists."""
+    """`defaults` overridden by the model's own config.yaml when it exists.
+
+    A `version_policy` there replaces the default one whole: `specific: [2]` over a default of
+    `all: true` means version 2, not a contradiction.
+    """
     if not file.exists():
         return defaults
-    return build(ModelConfig, merge(dataclasses.asdict(defaults), read_yaml(file)), str(file))
+    base = dataclasses.asdict(defaults)
+    own = read_yaml(file)
+    if "version_policy" in own:
+        base.pop("version_policy")
+    return build(ModelConfig, merge(base, own), str(file))

@@ -1,25 +1,33 @@
 """The model repository on disk and the metadata each model is served with.
 
-Layout: `REPO/<model>/<version>/model.onnx|model.mindir`, versions are positive integers, the
-newest is the default, and an optional `REPO/<model>/config.yaml` tunes the model. Problems are
-reported at start, all of them naming the path, so a bad deployment never half-starts. Nothing
-is read from outside the repository: `model_path` is the one way from a model name (and version)
-to a path, and a symlink that leads out is refused like a `../` in a name.
+Layout: `REPO/<model>/<version>/model.onnx|model.mindir`, versions are positive integers, and
+an optional `REPO/<model>/config.yaml` tunes the model, its version policy included. A scan
+never raises for one bad model: each folder's problems are recorded with their paths, so one
+broken model cannot keep the others from serving (`serving.control` decides what to load).
+Folders whose names start with "." are ignored: an upload can land in `REPO/m/.incoming/`
+and be renamed to `REPO/m/3/` when complete. Nothing is read from outside the repository:
+`model_path` is the one way from a model name (and version) to a path, and a symlink that
+leads out is refused like a `../` in a name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.errors import ConfigError
 from core.metadata import MetadataError, ModelMetadata
 from serving.backends import MODEL_FILES, Backend
 from serving.config import ModelConfig, load_model_config
 from serving.errors import ModelLoadError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+CONFIG_FILE = "config.yaml"
+# What a version's files looked like: (name, size, mtime_ns) of each, its model's config.yaml
+# included. Equal fingerprints on two scans mean nothing was being written in between.
+Fingerprint = tuple[tuple[str, int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -52,36 +60,102 @@ def inside(repo: Path, path: Path) -> Path:
     return path
 
 
-def scan_repository(repo: Path, defaults: ModelConfig) -> list[ModelSource]:
+@dataclass(frozen=True)
+class ModelFolder:
+    """One model folder as a scan found it: what can be loaded and what is wrong, by version."""
+
+    name: str
+    config: ModelConfig | None  # None when the folder itself is unusable (see `error`)
+    sources: dict[str, ModelSource] = field(default_factory=dict)  # loadable versions
+    problems: dict[str, str] = field(default_factory=dict)  # version -> why it cannot load
+    fingerprints: dict[str, Fingerprint] = field(default_factory=dict)  # every version folder
+    error: str = ""  # why no version of this model can load (bad name, bad config.yaml, ...)
+
+    @property
+    def versions(self) -> list[str]:
+        """Every version folder present, loadable or not, oldest first."""
+        return sorted(self.fingerprints, key=int)
+
+    def wanted(self) -> list[str]:
+        """The versions the model's version policy names, out of those present."""
+        if self.config is None:
+            return []
+        chosen = self.config.version_policy.select([int(v) for v in self.versions])
+        return [str(v) for v in chosen]
+
+
+def model_names(repo: Path) -> list[str]:
+    """The model folders of `repo`; ModelLoadError when `repo` is not a directory at all."""
     if not repo.is_dir():
         raise ModelLoadError(f"model repository {repo} is not a directory")
-    sources: list[ModelSource] = []
-    for model_dir in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if not NAME.match(model_dir.name):
-            raise ModelLoadError(f"{model_dir}: model names use letters, digits, '_', '-' and '.'")
-        model_path(repo, model_dir.name)
-        config = load_model_config(defaults, inside(repo, model_dir / "config.yaml"))
-        versions = sorted(
-            (p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=_version_key
+    return sorted(p.name for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_repository(repo: Path, defaults: ModelConfig) -> list[ModelFolder]:
+    return [scan_model(repo, name, defaults) for name in model_names(repo)]
+
+
+def scan_model(repo: Path, name: str, defaults: ModelConfig) -> ModelFolder:
+    """What `REPO/<name>/` holds now. A missing folder is a ModelFolder with `error` set."""
+    try:
+        model_dir = model_path(repo, name)
+        if not model_dir.is_dir():
+            return ModelFolder(name, None, error=f"{model_dir} does not exist")
+        config = load_model_config(defaults, inside(repo, model_dir / CONFIG_FILE))
+    except (ConfigError, ModelLoadError) as exc:
+        return ModelFolder(name, None, error=str(exc))
+    try:
+        return _scan_versions(repo, model_dir, ModelFolder(name, config))
+    except OSError as exc:  # the folder changed under the scan (being removed or replaced)
+        return ModelFolder(name, None, error=f"{model_dir}: cannot read: {exc.strerror or exc}")
+
+
+def _scan_versions(repo: Path, model_dir: Path, folder: ModelFolder) -> ModelFolder:
+    config = folder.config
+    assert config is not None
+    shared = _files(model_dir, (CONFIG_FILE,))
+    for version_dir in (p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()):
+        version = str(int(version_dir.name))
+        if version == "0" or version in folder.fingerprints:
+            folder.problems[version] = f"{version_dir}: versions are positive integers, each once"
+            continue
+        folder.fingerprints[version] = shared + _files(version_dir)
+        files = [version_dir / f for f in MODEL_FILES if (version_dir / f).is_file()]
+        if len(files) == 1:
+            try:
+                folder.sources[version] = ModelSource(folder.name, version, inside(repo, files[0]), config)
+            except ModelLoadError as exc:
+                folder.problems[version] = str(exc)
+        else:
+            folder.problems[version] = (
+                f"{version_dir}: expected exactly one of {', '.join(MODEL_FILES)}, found "
+                f"{', '.join(f.name for f in files) or 'none'}"
+            )
+    if not folder.fingerprints:
+        return dataclasses.replace(
+            folder, error=f"{model_dir}: no version folders (expected {model_dir}/1/model.onnx)"
         )
-        if not versions:
-            raise ModelLoadError(f"{model_dir}: no version folders (expected {model_dir}/1/model.onnx)")
-        for version_dir in versions:
-            files = [version_dir / f for f in MODEL_FILES if (version_dir / f).is_file()]
-            if len(files) != 1:
-                raise ModelLoadError(
-                    f"{version_dir}: expected exactly one of {', '.join(MODEL_FILES)}, found "
-                    f"{', '.join(f.name for f in files) or 'none'}"
-                )
-            inside(repo, files[0])
-            sources.append(ModelSource(model_dir.name, str(int(version_dir.name)), files[0], config))
-    if not sources:
-        raise ModelLoadError(f"model repository {repo} holds no models (expected REPO/<model>/1/model.onnx)")
-    return sources
+    if not folder.wanted():
+        policy = config.version_policy.describe()
+        return dataclasses.replace(
+            folder,
+            error=f"{model_dir}: the version policy ({policy}) names none of the versions present "
+            f"({', '.join(folder.versions)})",
+        )
+    return folder
 
 
-def _version_key(path: Path) -> int:
-    return int(path.name)
+def _files(folder: Path, only: tuple[str, ...] = ()) -> Fingerprint:
+    found = []
+    for path in sorted(folder.iterdir()):
+        if (only and path.name not in only) or not path.is_file():
+            continue
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # removed while scanning: the next scan sees the change
+            continue
+        found.append((f"{folder.name}/{path.name}", stat.st_size, stat.st_mtime_ns))
+    return tuple(found)
 
 
 def default_model_name(path: Path) -> str:

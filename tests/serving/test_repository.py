@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -12,26 +13,27 @@ import pytest
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from serving.backends import open_backend
-from serving.config import ModelConfig
+from serving.config import ConfigError, ModelConfig, VersionPolicy
 from serving.errors import ModelLoadError
-from serving.repository import model_path, resolve_metadata, scan_repository, single_model
+from serving.repository import model_path, resolve_metadata, scan_model, scan_repository, single_model
 
 
-def test_versions_configs_and_layout_errors(model_repo, tmp_path: Path) -> None:
+def test_versions_configs_and_layout_problems(model_repo, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     for version in ("1", "10", "2"):
         (repo / "a" / version).mkdir(parents=True)
         shutil.copy(model_repo.onnx, repo / "a" / version / "model.onnx")
     (repo / "a" / "config.yaml").write_text("instances: 2\n")
-    sources = scan_repository(repo, ModelConfig())
-    assert [(s.name, s.version) for s in sources] == [("a", "1"), ("a", "2"), ("a", "10")]
-    assert all(s.config.instances == 2 for s in sources)
-
     (repo / "b" / "1").mkdir(parents=True)
-    with pytest.raises(
-        ModelLoadError, match=r"b/1: expected exactly one of model.onnx, model.mindir, found none"
-    ):
-        scan_repository(repo, ModelConfig())
+    (repo / "c").mkdir()
+    (repo / "c" / "config.yaml").write_text("instances: 0\n")
+    (repo / ".incoming" / "1").mkdir(parents=True)  # hidden: an upload not yet renamed into place
+    a, b, c = scan_repository(repo, ModelConfig())
+    assert (a.name, a.versions, a.wanted(), a.error) == ("a", ["1", "2", "10"], ["10"], "")
+    assert all(s.config.instances == 2 for s in a.sources.values())
+    assert b.problems["1"].endswith("b/1: expected exactly one of model.onnx, model.mindir, found none")
+    assert not b.sources and b.wanted() == ["1"]
+    assert "instances must be >= 1, got 0" in c.error and c.config is None
     with pytest.raises(ModelLoadError, match="is not a directory"):
         scan_repository(tmp_path / "nope", ModelConfig())
 
@@ -62,17 +64,43 @@ def test_symlinks_out_of_the_repository_are_refused(model_repo, tmp_path: Path) 
     (repo / "inner" / "1").mkdir(parents=True)
     (repo / "inner" / "1" / "model.onnx").symlink_to(repo / "inner" / "model.onnx")  # inside: fine
     shutil.copy(model_repo.onnx, repo / "inner" / "model.onnx")
-    assert [s.name for s in scan_repository(repo, ModelConfig())] == ["inner"]
     (repo / "linked").symlink_to(outside)  # a whole model folder elsewhere
-    with pytest.raises(
-        ModelLoadError, match=r"repo/linked leads to .*/outside, outside the model repository"
-    ):
-        scan_repository(repo, ModelConfig())
-    (repo / "linked").unlink()
     (repo / "file" / "1").mkdir(parents=True)
     (repo / "file" / "1" / "model.onnx").symlink_to(outside / "1" / "model.onnx")  # one file elsewhere
-    with pytest.raises(ModelLoadError, match=r"file/1/model.onnx leads to .*/outside/1/model.onnx, outside"):
-        scan_repository(repo, ModelConfig())
+    folders = {f.name: f for f in scan_repository(repo, ModelConfig())}
+    assert list(folders["inner"].sources) == ["1"] and not folders["inner"].error
+    assert re.search(
+        r"repo/linked leads to .*/outside, outside the model repository", folders["linked"].error
+    )
+    assert not folders["file"].sources
+    assert re.search(
+        r"file/1/model.onnx leads to .*/outside/1/model.onnx, outside", folders["file"].problems["1"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("policy", "wanted"),
+    [
+        ("latest: 2", ["2", "10"]),
+        ("all: true", ["1", "2", "10"]),
+        ("specific: [1, 10, 7]", ["1", "10"]),
+    ],
+)
+def test_version_policy_in_config_yaml(model_repo, tmp_path: Path, policy: str, wanted: list[str]) -> None:
+    for version in ("1", "10", "2"):
+        (tmp_path / "a" / version).mkdir(parents=True)
+        shutil.copy(model_repo.onnx, tmp_path / "a" / version / "model.onnx")
+    (tmp_path / "a" / "config.yaml").write_text(f"version_policy:\n  {policy}\n")
+    assert scan_model(tmp_path, "a", ModelConfig(version_policy=VersionPolicy(all=True))).wanted() == wanted
+
+
+def test_a_policy_naming_no_present_version_says_so(model_repo, tmp_path: Path) -> None:
+    (tmp_path / "a" / "1").mkdir(parents=True)
+    shutil.copy(model_repo.onnx, tmp_path / "a" / "1" / "model.onnx")
+    folder = scan_model(tmp_path, "a", ModelConfig(version_policy=VersionPolicy(specific=(3,))))
+    assert folder.error.endswith("the version policy (specific 3) names none of the versions present (1)")
+    with pytest.raises(ConfigError, match="give all or specific, not both"):
+        VersionPolicy(all=True, specific=(1,))
 
 
 def test_single_model_named_after_the_file(model_repo) -> None:
@@ -99,7 +127,7 @@ def test_several_versions_served_newest_by_default(model_repo, start_server, tmp
     for version in ("1", "2"):
         (repo / "hrnet" / version).mkdir(parents=True)
         shutil.copy(model_repo.onnx, repo / "hrnet" / version / "model.onnx")
-    server = start_server(repo)
+    server = start_server(repo, version_policy=VersionPolicy(all=True))
     batch = np.zeros((1, 3, 32, 32), np.float32)
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
