@@ -43,10 +43,11 @@ class InvalidArgument(ServingError):
 class ModelNotFound(ServingError):
     code = "NOT_FOUND"
 
-    def __init__(self, name: str, version: str = "", known: list[str] | None = None):
+    def __init__(self, name: str, version: str = "", known: list[str] | None = None, reason: str = ""):
         what = f"model {quote(name)}" + (f" version {quote(version)}" if version else "")
+        why = f" ({reason})" if reason else ""
         hint = f"; available: {', '.join(known)}" if known else ""
-        super().__init__(f"{what} is not served here{hint}")
+        super().__init__(f"{what} is not served here{why}{hint}")
 
 
 class NotFound(ServingError):

@@ -9,7 +9,8 @@ run where the models are.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 import grpc
 import numpy as np
@@ -20,7 +21,8 @@ from protos import grpc_service_pb2_grpc
 from protos import model_config_pb2 as mc
 from serving import codec
 from serving.codec import InferOptions
-from serving.errors import InvalidArgument
+from serving.control import ModelControl
+from serving.errors import InvalidArgument, ModelNotFound
 from serving.preprocess import ACCEPTED_FORMATS
 from serving.rpc import concurrently, grpc_errors, remaining_s
 from serving.service import DataPlane, InferencePlane, InferInput, LoadedModel, ServedModel
@@ -119,11 +121,13 @@ class KServeServicer(KServeInference, grpc_service_pb2_grpc.GRPCInferenceService
     def __init__(
         self,
         plane: DataPlane,
+        control: ModelControl,
         regions: SharedMemoryRegistry,
         regions_changed: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         super().__init__(plane, regions)
         self.plane: DataPlane = plane
+        self.control = control
         self._regions_changed = regions_changed
 
     @grpc_errors
@@ -136,8 +140,8 @@ class KServeServicer(KServeInference, grpc_service_pb2_grpc.GRPCInferenceService
 
     @grpc_errors
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext):
-        model = self.plane.get(request.name, request.version)
-        return pb.ModelReadyResponse(ready=model.ready and self.plane.accepting)
+        ready = model_ready(self.plane, self.control, request.name, request.version)
+        return pb.ModelReadyResponse(ready=ready)
 
     @grpc_errors
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext):
@@ -192,6 +196,30 @@ class KServeServicer(KServeInference, grpc_service_pb2_grpc.GRPCInferenceService
             await self._regions_changed()
         return pb.SystemSharedMemoryUnregisterResponse()
 
+    @grpc_errors
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext):
+        entries = await self.control.index(ready_only=request.ready)
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(
+            models=[index(name=e.name, version=e.version, state=e.state, reason=e.reason) for e in entries]
+        )
+
+    @grpc_errors
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ):
+        check_load_parameters(request.parameters)
+        await self.control.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @grpc_errors
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ):
+        check_unload_parameters(request.parameters)
+        await self.control.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
 
 def receive(
     model: ServedModel, request: pb.ModelInferRequest, regions: SharedMemoryRegistry | None = None
@@ -213,6 +241,30 @@ def respond(
     return codec.encode_infer_response(
         request, model.version, model.output.name, logits, k, model.labels, in_shared_memory
     )
+
+
+def check_load_parameters(parameters: Mapping[str, Any]) -> None:
+    """Triton's `config` and `file:` overrides are refused: a model loads from its folder as it is."""
+    if parameters:
+        raise InvalidArgument(
+            f"load parameters {sorted(parameters)[:5]} are not supported: a model is loaded from its "
+            "folder in the repository as it is"
+        )
+
+
+def check_unload_parameters(parameters: Mapping[str, Any]) -> None:
+    unknown = sorted(set(parameters) - {"unload_dependents"})  # no ensembles: nothing depends on a model
+    if unknown:
+        raise InvalidArgument(f"unknown unload parameters {unknown[:5]}; known: unload_dependents")
+
+
+def model_ready(plane: DataPlane, control: ModelControl, name: str, version: str = "") -> bool:
+    """False for a model of the repository that is not served (failed, unloaded, never loaded);
+    NOT_FOUND for a name the repository does not hold: a typo, not a state."""
+    ready = plane.model_ready(name, version)
+    if not ready and name and not control.knows(name):
+        raise ModelNotFound(name, known=plane.names())
+    return ready
 
 
 def server_metadata() -> pb.ServerMetadataResponse:

@@ -15,6 +15,7 @@ from a healthy one. Here `/healthz` is answered by the loop that serves the requ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 from aiohttp import web
@@ -88,6 +89,11 @@ class ServerMetrics:
 
     def watch_queue(self, model: str, version: str, depth: Callable[[], float]) -> None:
         self.queue_depth.labels(model, version).set_function(depth)
+
+    def unwatch_queue(self, model: str, version: str) -> None:
+        """Forget an unloaded version's queue (the gauge's function holds its batcher)."""
+        with contextlib.suppress(KeyError):
+            self.queue_depth.remove(model, version)
 
     def app(self, ready: Callable[[], bool]) -> web.Application:
         """/metrics (Prometheus or OpenMetrics text, as the scraper asks), /healthz (the process

@@ -11,7 +11,7 @@ Thin by design, like the gRPC servicer: the answers are the same protobuf messag
     GET  .../ready | .../config | .../stats         readiness (200/400), Triton's config, statistics
     POST .../infer                                  inference (JSON and binary tensors)
     POST /v2/repository/index                       what the repository holds, by state
-    POST /v2/repository/models/{model}/load|unload  model control (when the server offers it)
+    POST /v2/repository/models/{model}/load|unload  model control (`serving.control`)
     GET|POST /v2/trace/setting, /v2/models/{model}/trace/setting    trace settings
 
 Errors answer `{"error": "..."}` with the status `serving.http` maps their code to.
@@ -20,13 +20,13 @@ Errors answer `{"error": "..."}` with the status `serving.http` maps their code 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import web
 
 from serving import kserve
-from serving.errors import InvalidArgument, Unimplemented
+from serving.control import ModelControl
+from serving.errors import InvalidArgument
 from serving.http import json_errors
 from serving.rest_codec import HEADER_LENGTH, decode_infer, encode_infer, to_json
 from serving.service import DataPlane, LoadedModel
@@ -34,23 +34,8 @@ from serving.service import DataPlane, LoadedModel
 NOT_READY = 400  # KServe: "a 4xx status code indicates false"; Triton answers 400
 
 
-class ModelControl(Protocol):
-    """What the repository routes call: the same protocol-free operations the gRPC repository RPCs
-    call (`serving.control.ModelControl`, from the model-control work). Index rows have `name`,
-    `version`, `state` (READY, LOADING, UNLOADING, UNAVAILABLE) and `reason`."""
-
-    async def index(self, ready_only: bool = False) -> Sequence[Any]: ...
-
-    async def load(self, name: str) -> None: ...
-
-    async def unload(self, name: str) -> None: ...
-
-
 class RestApi:
-    """Without a `control`, the index lists the versions the data plane serves and load/unload
-    answer 501."""
-
-    def __init__(self, plane: DataPlane, control: ModelControl | None = None) -> None:
+    def __init__(self, plane: DataPlane, control: ModelControl) -> None:
         self.plane = plane
         self.control = control
 
@@ -108,8 +93,9 @@ class RestApi:
         return web.json_response(to_json(kserve.model_metadata(self.plane, self._model(request))))
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        model = self._model(request)
-        return web.Response(status=200 if model.ready and self.plane.accepting else NOT_READY)
+        info = request.match_info
+        ready = kserve.model_ready(self.plane, self.control, info["model"], info.get("version", ""))
+        return web.Response(status=200 if ready else NOT_READY)
 
     async def model_config(self, request: web.Request) -> web.Response:
         return web.json_response(to_json(kserve.model_config(self._model(request))))
@@ -126,13 +112,17 @@ class RestApi:
     # --- inference ---------------------------------------------------------------------------
 
     async def infer(self, request: web.Request) -> web.Response:
-        model = self._model(request)
+        model = self._model(request)  # an unknown model fails before its body is read
         tracing = self.plane.tracing
         with tracing.request(request.headers.items, model.name, model.version, "REST infer"):
             with tracing.span("receive"):
                 body = await request.read()
+                # Again after the await: a version swapped in meanwhile may have retired this one,
+                # and the data plane counts a request from `infer`, which follows with no await.
+                model = self._model(request)
                 decoded = decode_infer(body, request.headers.get(HEADER_LENGTH), model.name, model.version)
                 payload, options = kserve.receive(model, decoded.message)
+            tracing.annotate("hrnet.version", model.version)
             tracing.annotate("hrnet.request_id", decoded.message.id)
             deadline = self.plane.deadline(model, options.timeout_s)
             logits = await self.plane.infer(model, payload, deadline, options.priority)
@@ -157,32 +147,19 @@ class RestApi:
         ready_only = (await self._body(request)).get("ready", False)
         if not isinstance(ready_only, bool):
             raise InvalidArgument(f"'ready' must be a boolean, got {ready_only!r}")
-        if self.control is not None:
-            rows = [(e.name, e.version, e.state, e.reason) for e in await self.control.index(ready_only)]
-        else:
-            ready = self.plane.accepting
-            rows = [
-                (m.name, m.version, "READY" if m.ready and ready else "UNAVAILABLE", "")
-                for m in self.plane.models
-            ]
-            rows = [row for row in rows if row[2] == "READY"] if ready_only else rows
+        entries = await self.control.index(ready_only)
         return web.json_response(
-            [dict(zip(("name", "version", "state", "reason"), row, strict=True)) for row in rows]
+            [{"name": e.name, "version": e.version, "state": e.state, "reason": e.reason} for e in entries]
         )
 
-    def _control(self) -> ModelControl:
-        if self.control is None:
-            raise Unimplemented("this server does not load or unload models on request")
-        return self.control
-
     async def load(self, request: web.Request) -> web.Response:
-        await self._body(request)  # Triton's optional parameters: none are taken yet
-        await self._control().load(request.match_info["model"])
+        kserve.check_load_parameters((await self._body(request)).get("parameters") or {})
+        await self.control.load(request.match_info["model"])
         return web.Response()
 
     async def unload(self, request: web.Request) -> web.Response:
-        await self._body(request)
-        await self._control().unload(request.match_info["model"])
+        kserve.check_unload_parameters((await self._body(request)).get("parameters") or {})
+        await self.control.unload(request.match_info["model"])
         return web.Response()
 
     # --- trace settings ----------------------------------------------------------------------

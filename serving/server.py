@@ -1,18 +1,20 @@
 """The server: gRPC (KServe v2, Classifier, health, reflection), the same KServe v2 over HTTP/REST,
 and Prometheus with HTTP probes, all on one event loop over one data plane.
 
-Start order: bind the ports and report NOT_SERVING, load every model (a missing or corrupt one
-aborts the start with its path), start the batchers, then SERVING. Stop order (SIGTERM, `drain`):
-health NOT_SERVING and new requests refused with UNAVAILABLE at once, queued and running work
-finishes within the grace period and every answer is handed over. `hrnet serve` then exits
-(serving/cli.py says why without closing gRPC); `stop` (in-process use) also closes the
-listeners and exports pending traces.
+Start order: bind the ports and report NOT_SERVING, load the models the control mode loads at
+start (`serving.control`: a model that fails is reported UNAVAILABLE and the others serve,
+unless `exit_on_error`), start the batchers, then SERVING. Stop order (SIGTERM, `drain`):
+health NOT_SERVING, model control stops changing anything, new requests are refused with
+UNAVAILABLE at once, queued and running work finishes within the grace period and every answer
+is handed over. `hrnet serve` then exits (serving/cli.py says why without closing gRPC); `stop`
+(in-process use) also closes the listeners and exports pending traces.
 
 With several front-end processes (`workers` > 1, serving/frontend.py) this process owns the
 models and answers gRPC on a private Unix socket instead (REST and metrics stay here); the front
-ends listen on the gRPC port, serve the inference RPCs and forward the rest here. They start
-right after binding, drain (stop taking requests, hand over the accepted ones) before the data
-plane does, and stop after it.
+ends listen on the gRPC port, serve the inference RPCs and forward the rest here (the repository
+RPCs included); every change model control makes is published to them. They start right after
+binding, drain (stop taking requests, hand over the accepted ones) before the data plane does,
+and stop after it.
 
 `Server` is also the embedding API: `await server.start()` / `await server.stop()` (or
 `async with Server(config)`) on the caller's event loop, or `server.start_background()` /
@@ -27,7 +29,6 @@ import socket
 import tempfile
 import time
 from collections.abc import Coroutine
-from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -40,15 +41,15 @@ from serving import auth, tracing
 from serving.background import BackgroundLoop
 from serving.classifier import ClassifierServicer
 from serving.config import ServerConfig
+from serving.control import ModelControl
 from serving.errors import ListenError
 from serving.http import HttpListener
 from serving.kserve import KServeServicer
 from serving.memory import map_large_blocks, trim_when_quiet
 from serving.metrics import ServerMetrics
-from serving.repository import scan_repository, single_model
 from serving.rest import RestApi
 from serving.rpc import FLUSH_S, CallGuard
-from serving.service import DataPlane, LoadedModel, load_model
+from serving.service import DataPlane
 from serving.shm import SharedMemoryRegistry
 from serving.supervisor import FrontEnds
 
@@ -74,6 +75,7 @@ class Server:
         self.plane = DataPlane(self.metrics)
         self.regions = SharedMemoryRegistry(config.max_message_bytes)
         self.health = health.aio.HealthServicer()
+        self.control = ModelControl(config, self.plane, self._set_model_health, self._models_changed)
         self.port = 0  # gRPC; the bound ports are known once started (0 in the config picks one)
         self.http_port = -1  # -1: not serving it
         self.metrics_port = -1
@@ -106,8 +108,16 @@ class Server:
         for name in ("", *SERVICES, *names):
             await self.health.set(name, status)
 
+    async def _set_model_health(self, name: str, serving: bool) -> None:
+        await self.health.set(name, SERVING if serving else NOT_SERVING)
+
+    async def _models_changed(self) -> None:
+        """Front ends route by their copy of the catalog: send it on every change once serving."""
+        if self.frontends is not None and self.plane.accepting:
+            await self.frontends.publish_models()
+
     async def start(self) -> None:
-        """Bind, load every model, start batching; raises a StartError and leaves nothing running."""
+        """Bind, load the models, start batching; raises a StartError and leaves nothing running."""
         cfg = self.config
         map_large_blocks()
         self._guard = CallGuard()
@@ -126,22 +136,22 @@ class Server:
             self.plane.tracing = tracing.create(
                 cfg.trace_endpoint, cfg.trace_sample_ratio, self._span_exporter
             )
-            models = await asyncio.to_thread(self._load_models)
-            for model in models:
-                self.plane.add(model)
-            await self.plane.start()
+            await self.control.start()
+            self.plane.open()
             if self.frontends is not None:
                 await self.frontends.publish_models()
         except BaseException:
+            await self.control.stop()
             if self.frontends is not None:
                 await self.frontends.stop(0.0)
             await self._grpc.stop(None)
+            await self.plane.drain(0)
             await self._close()
             raise
         self._trimmer = asyncio.create_task(
             trim_when_quiet(lambda: (self.plane.running, self.plane.finished))
         )
-        await self._set_health(SERVING, self.plane.names())
+        await self._set_health(SERVING, [])  # each model's own health is model control's
         log.info(
             "serving",
             extra={
@@ -151,6 +161,7 @@ class Server:
                 "tracing": cfg.trace_endpoint or ("exporter" if self._span_exporter else "off"),
                 "models": self.plane.names(),
                 "workers": cfg.front_ends(),
+                "model_control": cfg.model_control,
             },
         )
 
@@ -175,7 +186,7 @@ class Server:
             self.frontends = FrontEnds(cfg, workers, self.plane, self.regions, self.metrics, owner)
         regions_changed = self.frontends.publish_regions if self.frontends else None
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(self.plane, self.regions, regions_changed), server
+            KServeServicer(self.plane, self.control, self.regions, regions_changed), server
         )
         classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.plane), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -206,7 +217,9 @@ class Server:
         """The REST port (same TLS and token as gRPC) and the metrics port, when configured."""
         cfg = self.config
         if cfg.http_port >= 0:
-            api = RestApi(self.plane).app(cfg.max_message_bytes, auth.http_middlewares(cfg.auth_token))
+            api = RestApi(self.plane, self.control).app(
+                cfg.max_message_bytes, auth.http_middlewares(cfg.auth_token)
+            )
             rest = HttpListener(api, "HTTP/REST", shutdown_timeout_s=max(1.0, cfg.grace_period_s))
             self._listeners.append(rest)
             tls = auth.ssl_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
@@ -231,17 +244,6 @@ class Server:
             self._private.cleanup()
             self._private = None
 
-    def _load_models(self) -> list[LoadedModel]:
-        cfg = self.config
-        if cfg.model:
-            sources = [single_model(Path(cfg.model), cfg.model_name, cfg.model_defaults)]
-        else:
-            sources = scan_repository(Path(cfg.repo), cfg.model_defaults)
-        return [
-            load_model(s, self.metrics, cfg.decode_threads(), cfg.max_image_pixels, cfg.max_request_pixels)
-            for s in sources
-        ]
-
     async def drain(self, grace_s: float | None = None) -> bool:
         """SIGTERM's work: stop taking requests, finish and answer what was accepted within `grace_s`.
 
@@ -256,7 +258,8 @@ class Server:
         def left() -> float:
             return max(0.0, grace_s - (time.monotonic() - started))
 
-        await self._set_health(NOT_SERVING, self.plane.names())
+        await self._set_health(NOT_SERVING, self.control.names())
+        await self.control.stop()
         handed_over = await self.frontends.drain(grace_s) if self.frontends else True
         drained = await self.plane.drain(left()) and handed_over
         if self.frontends is not None:  # they answer what they handed over, then exit

@@ -178,6 +178,7 @@ class LoadedModel:
     ready: bool = field(default=False)
     # Images admitted and being decoded or converted, not queued yet: they count against the queue.
     preparing: int = field(default=0)
+    active: int = field(default=0)  # requests inside DataPlane._run: what an unload waits for
 
     @property
     def name(self) -> str:
@@ -244,8 +245,15 @@ def load_model(
     """Open `instances` copies of the model and wire them to a batcher (not started yet)."""
     started = time.monotonic()
     config = source.config
-    backends = [open_backend(source.path, config) for _ in range(config.instances)]
-    metadata = resolve_metadata(backends[0], config)
+    backends: list[Backend] = []
+    try:
+        for _ in range(config.instances):
+            backends.append(open_backend(source.path, config))
+        metadata = resolve_metadata(backends[0], config)
+    except BaseException:
+        for backend in backends:
+            backend.close()
+        raise
     stats = ModelStats(source.name, source.version, metrics)
     batcher = Batcher(backends, config.batching, listener=stats)
     spec = PreprocessSpec.from_metadata(metadata, exif_transpose=config.exif_transpose)
@@ -278,7 +286,7 @@ def resolve(models: Mapping[str, Mapping[str, M]], name: str, version: str) -> M
     """`name` empty means the only model, or the first by name; `version` empty the newest."""
     if not name:
         if not models:
-            raise ModelNotFound("(default)")
+            raise ModelNotFound("(default)", reason="no model is loaded")
         name = min(models)
     versions = models.get(name)
     if versions is None:
@@ -299,7 +307,15 @@ def deadline_after(now: float, timeout_s: float | None, default_timeout_us: int)
 
 
 class DataPlane:
-    """Every model the server holds, by name and version; the newest version is the default."""
+    """Every model version being served, by name and version; routes each request to one.
+
+    The newest version served is a name's default. Which versions are served is decided by
+    `serving.control`, through `add` (a version starts taking requests), `remove` (it takes no
+    new ones) and `retire` (what it accepted finishes, then it is closed). `infer` counts a
+    request on its model before its first await; callers resolve the model with `get` and call
+    `infer` without awaiting anything in between, so a model being retired knows every request
+    it still has to answer.
+    """
 
     def __init__(
         self,
@@ -314,9 +330,49 @@ class DataPlane:
         self.accepting = False
         self.running = 0  # inference requests in progress
         self.finished = 0  # inference requests answered so far, whatever the outcome
+        # Why a model name is not served (a failed load, an unload): quoted by NOT_FOUND errors.
+        self.reasons: dict[str, str] = {}
 
-    def add(self, model: LoadedModel) -> None:
-        self._models.setdefault(model.name, {})[model.version] = model
+    async def add(self, model: LoadedModel) -> LoadedModel | None:
+        """Start `model`'s batcher and route requests to it; the model it replaces, if any."""
+        await model.batcher.start()
+        model.ready = True
+        versions = self._models.setdefault(model.name, {})
+        replaced = versions.get(model.version)
+        versions[model.version] = model
+        return replaced
+
+    def remove(self, model: LoadedModel) -> None:
+        """Route no new request to `model`; what it already accepted goes on (see `retire`)."""
+        versions = self._models.get(model.name, {})
+        if versions.get(model.version) is model:
+            del versions[model.version]
+            if not versions:
+                del self._models[model.name]
+
+    async def retire(self, model: LoadedModel, grace_s: float) -> bool:
+        """Wait (up to `grace_s`) for `model`'s requests to finish, then close it; True when all did.
+
+        Call after `remove`. The model stays ready meanwhile, so nothing it accepted fails.
+        """
+        drained = await self._finish(model, time.monotonic() + grace_s)
+        if self.metrics and model.version not in self._models.get(model.name, {}):
+            self.metrics.unwatch_queue(model.name, model.version)  # unless a reload took its place
+        await asyncio.to_thread(self._close_model, model)
+        return drained
+
+    @staticmethod
+    async def _finish(model: LoadedModel, deadline: float, poll_s: float = 0.01) -> bool:
+        """Let every request `model` accepted end (by `deadline`), then stop its batcher.
+
+        Waiting on the requests, not only on the batcher's queue, covers those still decoding
+        their images: they reach the batcher after the queue looked empty.
+        """
+        while model.active and time.monotonic() < deadline:
+            await asyncio.sleep(poll_s)
+        drained = not model.active
+        model.ready = False
+        return await model.batcher.close(max(0.0, deadline - time.monotonic())) and drained
 
     @property
     def models(self) -> list[LoadedModel]:
@@ -331,29 +387,35 @@ class DataPlane:
     def get(self, name: str, version: str = "") -> LoadedModel:
         """`name` empty means the only model, or the first by name; `version` empty the newest.
 
-        Before start() and after drain() the answer is UNAVAILABLE, not NOT_FOUND: models may be
+        Before open() and after drain() the answer is UNAVAILABLE, not NOT_FOUND: models may be
         loading (the port is bound first), and a retrying client must be told to come back.
         """
         if not self.accepting:
             raise Unavailable("the server is starting or shutting down; retry")
+        if name and name not in self._models:
+            raise ModelNotFound(name, known=self.names(), reason=self.reasons.get(name, ""))
         return resolve(self._models, name, version)
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        """KServe ModelReady: False for a model that is not served (never loaded, failed, unloaded)."""
+        try:
+            return self.get(name, version).ready
+        except ServingError:
+            return False
 
     @property
     def ready(self) -> bool:
         return self.accepting and all(m.ready for m in self.models)
 
-    async def start(self) -> None:
-        for model in self.models:
-            await model.batcher.start()
-            model.ready = True
+    def open(self) -> None:
+        """Take requests (the models loaded at start are in)."""
         self.accepting = True
 
     async def drain(self, grace_s: float) -> bool:
         """Refuse new work; let what was accepted finish within `grace_s`. True when all finished."""
         self.accepting = False
-        for model in self.models:
-            model.ready = False
-        results = await asyncio.gather(*(m.batcher.close(grace_s) for m in self.models))
+        deadline = time.monotonic() + grace_s
+        results = await asyncio.gather(*(self._finish(m, deadline) for m in self.models))
         return all(results)
 
     def account(self, name: str, version: str, code: str, seconds: float) -> None:
@@ -364,9 +426,14 @@ class DataPlane:
 
     def close(self) -> None:
         for model in self.models:
-            model.preprocessor.close()
-            for backend in model.backends:
-                backend.close()
+            self._close_model(model)
+        self._models.clear()
+
+    @staticmethod
+    def _close_model(model: LoadedModel) -> None:
+        model.preprocessor.close()
+        for backend in model.backends:
+            backend.close()
 
     def deadline(self, model: LoadedModel, timeout_s: float | None) -> float | None:
         """Absolute `clock()` deadline from a relative timeout, else the model's default timeout."""
@@ -421,10 +488,13 @@ class DataPlane:
         priority: int,
         arrived: float | None = None,
     ) -> np.ndarray:
-        if not self.accepting or not model.ready:
+        if not self.accepting:
             raise Unavailable(f"model {model.name!r} is not accepting requests (server shutting down)")
+        if not model.ready:
+            raise Unavailable(f"model {model.name!r} version {model.version} was unloaded; retry")
         start = time.monotonic() if arrived is None else arrived
         code = "OK"
+        model.active += 1
         in_flight = self.metrics.in_flight.labels(model.name, model.version) if self.metrics else None
         if in_flight:
             in_flight.inc()
@@ -446,6 +516,7 @@ class DataPlane:
         finally:
             self.running -= 1
             self.finished += 1
+            model.active -= 1
             if in_flight:
                 in_flight.dec()
             model.stats.request_done(code, time.monotonic() - start)

@@ -82,7 +82,7 @@ def test_kserve_subset_is_wire_compatible_with_triton() -> None:
                 continue
             theirs = triton[message].get(name)
             assert theirs == spec, f"{message}.{name}: ours {spec}, Triton {theirs}"
-    assert len(service.methods) == 16  # 9 core and stream RPCs, TraceSetting, 3 system shared-memory, 3 repository
+    assert len(service.methods) == 16  # 9 core and stream RPCs, TraceSetting, 3 shared-memory, 3 repository
 
 
 def test_health_messages_match_grpc_health_checking() -> None:
