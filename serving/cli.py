@@ -3,6 +3,8 @@
     hrnet serve --model model.onnx                 # one model, named after the file
     hrnet serve --repo models/ --port 8001 --http-port 8000 --metrics-port 8002
     hrnet serve --config server.yaml               # any ServerConfig field; flags and HRNET_* win
+    hrnet serve --repo models/ --model-control poll --repository-poll-s 5   # follow the repository
+    hrnet serve --repo models/ --model-control explicit --load-model w48    # RepositoryModelLoad the rest
 
 Every flag has an `HRNET_<NAME>` environment variable (`--max-batch-size` is `HRNET_MAX_BATCH_SIZE`),
 both generated from the fields of serving/config.py.

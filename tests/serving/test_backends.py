@@ -113,3 +113,6 @@ def test_threads_per_instance_never_oversubscribe() -> None:
     assert ModelConfig(instances=2).intra_op_threads(cores=8) == 4
     assert ModelConfig(instances=3).intra_op_threads(cores=2) == 1
     assert ModelConfig(instances=2, threads_per_instance=3).intra_op_threads(cores=2) == 3
+    # several models and versions share the machine: 4 instances served in all on 8 cores
+    assert ModelConfig(instances=1).intra_op_threads(cores=8, instances_served=4) == 2
+    assert ModelConfig(instances=2).intra_op_threads(cores=2, instances_served=5) == 1
