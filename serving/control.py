@@ -185,9 +185,10 @@ class ModelControl:
         if failures and cfg.exit_on_error:
             raise ModelLoadError("; ".join(failures) + " (exit_on_error)")
         if self.mode == "none" and not self.plane.models:
-            where = cfg.model or cfg.repo
-            why = "; ".join(failures) or f"it holds no models (expected {where}/<model>/1/model.onnx)"
-            raise ModelLoadError(f"nothing to serve in {where}: {why}")
+            if cfg.model:
+                raise ModelLoadError("; ".join(failures))
+            why = "; ".join(failures) or f"it holds no models (expected {cfg.repo}/<model>/1/model.onnx)"
+            raise ModelLoadError(f"nothing to serve in {cfg.repo}: {why}")
         if self.mode == "poll":
             self._poller = asyncio.create_task(self._poll_forever(), name="repository-poll")
 
