@@ -93,7 +93,13 @@ class AsyncClient:
 
     @overload
     async def classify(
-        self, images: ImageInput, *, top_k: int = ..., model: str | None = ..., timeout_s: float | None = ...
+        self,
+        images: ImageInput,
+        *,
+        top_k: int = ...,
+        model: str | None = ...,
+        version: str | int | None = ...,
+        timeout_s: float | None = ...,
     ) -> Classification: ...
 
     @overload
@@ -103,6 +109,7 @@ class AsyncClient:
         *,
         top_k: int = ...,
         model: str | None = ...,
+        version: str | int | None = ...,
         timeout_s: float | None = ...,
     ) -> list[Classification]: ...
 
@@ -112,9 +119,11 @@ class AsyncClient:
         *,
         top_k: int = DEFAULT_TOP_K,
         model: str | None = None,
+        version: str | int | None = None,
         timeout_s: float | None = None,
     ) -> Classification | list[Classification]:
-        results = await self._unary(self._core.classify_call(as_list(images), top_k, model), timeout_s)
+        call = self._core.classify_call(as_list(images), top_k, model, version)
+        results = await self._unary(call, timeout_s)
         return results[0] if is_single(images) else results
 
     async def classify_stream(
@@ -123,10 +132,11 @@ class AsyncClient:
         *,
         top_k: int = DEFAULT_TOP_K,
         model: str | None = None,
+        version: str | int | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         timeout_s: float | None = None,
     ) -> AsyncIterator[StreamResult]:
-        self._core.check_stream_args(top_k, max_in_flight)
+        self._core.check_stream_args(top_k, max_in_flight, version)
         order = StreamOrder()
         slots = asyncio.Semaphore(max_in_flight)
         failure: list[Exception] = []  # raised by the caller's iterable or a wrong image type
@@ -141,7 +151,7 @@ class AsyncClient:
                     await slots.acquire()
                     index = order.register()
                     try:
-                        request = self._core.stream_request(index, image, top_k, model)
+                        request = self._core.stream_request(index, image, top_k, model, version)
                     except ClientError as exc:
                         order.fail_locally(index, exc)
                         slots.release()

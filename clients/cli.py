@@ -2,7 +2,8 @@
 
 Images go over one ClassifyStream call with `--concurrency` of them at the server at once, so
 the server can batch them. One bad image costs only its own result; the exit status says
-whether everything succeeded (0), some images failed (1), or nothing could be done (2).
+whether everything succeeded (0), some images failed (1), or nothing could be done (2: the
+server is unreachable, the credentials are rejected, the model or version is not served).
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", default=None, help="model name (default: the server's default model)")
     parser.add_argument(
+        "--model-version",
+        default=None,
+        metavar="N",
+        help="model version (default: the newest the server serves)",
+    )
+    parser.add_argument(
         "--top-k", type=int, default=DEFAULT_TOP_K, help="classes per image (default: %(default)s)"
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per image instead of tables")
@@ -51,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.top_k < 1 or args.concurrency < 1:
         raise CommandError(f"--top-k and --concurrency must be >= 1, got {args.top_k} and {args.concurrency}")
+    if args.model_version is not None and not args.model_version.isdigit():
+        raise CommandError(f"--model-version is a positive integer, got {args.model_version!r}")
     paths = find_images(args.inputs)
     if not paths:
         raise CommandError(f"no image files found in {' '.join(args.inputs)}")
@@ -61,10 +70,17 @@ def run(args: argparse.Namespace) -> int:
         tqdm(total=len(paths), unit="img", disable=not show_bar, file=sys.stderr) as bar,
     ):
         results = client.classify_stream(
-            paths, top_k=args.top_k, model=args.model, max_in_flight=args.concurrency, timeout_s=args.timeout
+            paths,
+            top_k=args.top_k,
+            model=args.model,
+            version=args.model_version,
+            max_in_flight=args.concurrency,
+            timeout_s=args.timeout,
         )
         try:
             for result in results:
+                if result.error is not None and result.error.code == grpc.StatusCode.NOT_FOUND:
+                    raise result.error  # the model or version, the same for every image
                 failed += not result.ok
                 text = (
                     _json_line(paths[result.index], result)

@@ -83,7 +83,13 @@ class Client:
 
     @overload
     def classify(
-        self, images: ImageInput, *, top_k: int = ..., model: str | None = ..., timeout_s: float | None = ...
+        self,
+        images: ImageInput,
+        *,
+        top_k: int = ...,
+        model: str | None = ...,
+        version: str | int | None = ...,
+        timeout_s: float | None = ...,
     ) -> Classification: ...
 
     @overload
@@ -93,6 +99,7 @@ class Client:
         *,
         top_k: int = ...,
         model: str | None = ...,
+        version: str | int | None = ...,
         timeout_s: float | None = ...,
     ) -> list[Classification]: ...
 
@@ -102,15 +109,16 @@ class Client:
         *,
         top_k: int = DEFAULT_TOP_K,
         model: str | None = None,
+        version: str | int | None = None,
         timeout_s: float | None = None,
     ) -> Classification | list[Classification]:
         """Top-k classes of one image (returns one result) or of many (returns a list, same order).
 
         Many images go in one request, so the server batches them together; if any of them is
         bad the whole call fails with INVALID_ARGUMENT. Use `classify_stream` to get per-image
-        errors instead.
+        errors instead. `version` picks a model version (default: the newest the server serves).
         """
-        results = self._unary(self._core.classify_call(as_list(images), top_k, model), timeout_s)
+        results = self._unary(self._core.classify_call(as_list(images), top_k, model, version), timeout_s)
         return results[0] if is_single(images) else results
 
     def classify_stream(
@@ -119,6 +127,7 @@ class Client:
         *,
         top_k: int = DEFAULT_TOP_K,
         model: str | None = None,
+        version: str | int | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         timeout_s: float | None = None,
     ) -> Iterator[StreamResult]:
@@ -129,7 +138,7 @@ class Client:
         `error` set and the stream goes on; a failure of the stream itself raises `ClientError`.
         Streams are not retried; `timeout_s` (default: none) bounds the whole stream.
         """
-        self._core.check_stream_args(top_k, max_in_flight)
+        self._core.check_stream_args(top_k, max_in_flight, version)
         order = StreamOrder()
         slots = threading.Semaphore(max_in_flight)
         stopped = threading.Event()
@@ -145,7 +154,7 @@ class Client:
                             return
                     index = order.register()
                     try:
-                        request = self._core.stream_request(index, image, top_k, model)
+                        request = self._core.stream_request(index, image, top_k, model, version)
                     except ClientError as exc:
                         order.fail_locally(index, exc)
                         slots.release()

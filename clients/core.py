@@ -38,6 +38,7 @@ log = logging.getLogger("clients")
 DEFAULT_TARGET = "127.0.0.1:8001"
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_IN_FLIGHT = 8
+ONLY_IMAGE = "image 0: "  # how the server names the first (here: only) image of a request
 
 # Raw tensor encodings (KServe datatypes, little-endian) the client reads and writes.
 _NUMPY_DTYPES = {
@@ -191,12 +192,15 @@ class ClientCore:
     # --- Classify ----------------------------------------------------------------------------
 
     def classify_call(
-        self, images: list[ImageInput], top_k: int, model: str | None
+        self, images: list[ImageInput], top_k: int, model: str | None, version: str | int | None = None
     ) -> UnaryCall[list[Classification]]:
         if not images:
             raise ValueError("classify() needs at least one image")
         request = cpb.ClassifyRequest(
-            model_name=self.model_name(model), images=encode_images(images), top_k=_check_top_k(top_k)
+            model_name=self.model_name(model),
+            model_version=_version(version),
+            images=encode_images(images),
+            top_k=_check_top_k(top_k),
         )
         expected = len(images)
 
@@ -213,15 +217,20 @@ class ClientCore:
     # --- ClassifyStream ----------------------------------------------------------------------
 
     def stream_request(
-        self, index: int, image: ImageInput, top_k: int, model: str | None
+        self, index: int, image: ImageInput, top_k: int, model: str | None, version: str | int | None = None
     ) -> cpb.ClassifyRequest:
         return cpb.ClassifyRequest(
-            model_name=self.model_name(model), id=str(index), images=[encode_image(image)], top_k=top_k
+            model_name=self.model_name(model),
+            model_version=_version(version),
+            id=str(index),
+            images=[encode_image(image)],
+            top_k=top_k,
         )
 
     @staticmethod
-    def check_stream_args(top_k: int, max_in_flight: int) -> None:
+    def check_stream_args(top_k: int, max_in_flight: int, version: str | int | None = None) -> None:
         _check_top_k(top_k)
+        _version(version)
         if not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ValueError(f"max_in_flight must be a positive integer, got {max_in_flight!r}")
 
@@ -398,6 +407,16 @@ class StreamOrder:
         return self.ready()
 
 
+def _version(version: str | int | None) -> str:
+    """A model version as the protocol spells it; empty asks for the newest served."""
+    if version is None:
+        return ""
+    text = str(version)
+    if not text.isdigit():
+        raise ValueError(f"a model version is a positive integer, got {version!r}")
+    return text
+
+
 def _stream_index(response: cpb.ClassifyResponse, count: int) -> int:
     try:
         index = int(response.id)
@@ -412,9 +431,10 @@ def _stream_index(response: cpb.ClassifyResponse, count: int) -> int:
 
 def _stream_result(index: int, response: cpb.ClassifyResponse, latency_s: float) -> StreamResult:
     if response.HasField("error") and response.error.code != 0:
-        return StreamResult(
-            index, None, ClientError.from_code_value(response.error.code, response.error.message)
-        )
+        # Each stream request holds one image, so the server's "image 0: " (its position in the
+        # request) only misleads: the result's own index says which input it was.
+        message = response.error.message.removeprefix(ONLY_IMAGE)
+        return StreamResult(index, None, ClientError.from_code_value(response.error.code, message))
     if len(response.results) != 1:
         error = ClientError(grpc.StatusCode.INTERNAL, f"expected 1 result, got {len(response.results)}")
         return StreamResult(index, None, error)

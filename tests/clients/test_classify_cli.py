@@ -71,6 +71,45 @@ def test_missing_file_is_reported_and_others_still_classified(
     assert str(digit_images[0].path) + "  [hrnet v1" in out
 
 
+def test_an_error_names_the_image_path_not_its_place_in_a_request(
+    grpc_server: Any, digit_images: list, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(digit_images[1].png[:40])
+    code = main(["classify", str(digit_images[0].path), str(corrupt), "--server", grpc_server.address])
+    out, _ = capsys.readouterr()
+    assert code == 1
+    (line,) = [line for line in out.splitlines() if "ERROR" in line]
+    assert line.startswith(f"{corrupt}  ERROR INVALID_ARGUMENT: ") and "image 0" not in line
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [(["--model", "nope"], "model 'nope' is not served here"), (["--model-version", "7"], "version '7'")],
+)
+def test_an_unknown_model_or_version_is_one_line_and_exit_2(
+    grpc_server: Any, digit_images: list, capsys: pytest.CaptureFixture, flags: list[str], expected: str
+) -> None:
+    paths = [str(i.path) for i in digit_images[:3]]
+    code = main(["classify", *paths, "--server", grpc_server.address, *flags])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    (line,) = err.strip().splitlines()
+    assert line.startswith("hrnet classify: error: ") and "NOT_FOUND" in line and expected in line
+
+
+def test_a_model_version_can_be_picked(
+    grpc_server: Any, digit_images: list, capsys: pytest.CaptureFixture
+) -> None:
+    code = main(
+        ["classify", str(digit_images[0].path), "--server", grpc_server.address, "--model-version", "1"]
+    )
+    out, _ = capsys.readouterr()
+    assert code == 0 and "[hrnet v1," in out
+    assert main(["classify", "x.png", "--model-version", "newest"]) == 2
+    assert "--model-version is a positive integer" in capsys.readouterr().err
+
+
 def test_server_down_is_one_clear_line_and_exit_2(digit_images: list, capsys: pytest.CaptureFixture) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

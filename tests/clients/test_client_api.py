@@ -73,6 +73,19 @@ def test_unknown_model_is_not_found(connect: Any, grpc_server: Any, digit_images
     assert "nope" in info.value.message
 
 
+def test_a_model_version_can_be_picked(connect: Any, grpc_server: Any, digit_images: list) -> None:
+    client = connect(grpc_server.address)
+    assert client.classify(digit_images[0].png, version=1).model_version == "1"
+    assert [r.model_version for r in client.classify([digit_images[0].png] * 2, version="1")] == ["1", "1"]
+    (streamed,) = list(client.classify_stream([digit_images[0].png], version=1))
+    assert streamed.ok and streamed.classification.model_version == "1"
+    with pytest.raises(ClientError) as info:
+        client.classify(digit_images[0].png, version=7)
+    assert info.value.code == grpc.StatusCode.NOT_FOUND and "version '7'" in info.value.message
+    with pytest.raises(ValueError, match="positive integer"):
+        client.classify(digit_images[0].png, version="latest")
+
+
 def test_local_argument_errors_are_raised_before_sending(
     connect: Any, grpc_server: Any, tmp_path: Any
 ) -> None:
@@ -97,6 +110,7 @@ def test_classify_stream_keeps_input_order_and_reports_bad_items_in_place(
     assert [r.index for r in results] == list(range(20))
     assert all(isinstance(r, StreamResult) for r in results)
     assert not results[7].ok and results[7].error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert not results[7].error.message.startswith("image 0")  # item 7 of the stream, not "image 0"
     assert not results[12].ok and "missing.png" in results[12].error.message
     for i, result in enumerate(results):
         if i not in (7, 12):
