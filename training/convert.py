@@ -37,6 +37,7 @@ BN_NAMES = {
 BATCHES_TRACKED = "num_batches_tracked"
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 OFFICIAL_INPUT_SIZE = 224  # the published weights were validated at Resize(256) + CenterCrop(224)
+SHOWN_PER_KIND = 3  # problems quoted of each kind; a wrong architecture has ~1,500
 
 
 class ConversionError(ValueError):
@@ -99,22 +100,32 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
 
 
 def map_official(tensors: dict[str, np.ndarray], net: nn.Cell) -> dict[str, Parameter]:
-    """Our parameters from an official state dict; strict, naming every missing, extra or mis-shaped key."""
+    """Our parameters from an official state dict; strict: any missing, extra or mis-shaped key is
+    an error that counts each kind and quotes the first few of each."""
     state = {k: v for k, v in tensors.items() if k.rpartition(".")[2] != BATCHES_TRACKED}
     table = name_table(net)
-    problems = [f"missing {key}" for key in table if key not in state]
-    problems += [f"unexpected {key}" for key in state if key not in table]
-    problems += [
-        f"shape of {key}: file {tuple(state[key].shape)} != network {tuple(param.shape)}"
-        for key, param in table.items()
-        if key in state and tuple(state[key].shape) != tuple(param.shape)
-    ]
-    if problems:
-        raise ConversionError(f"{len(problems)} problem(s) mapping the weights: " + "; ".join(problems))
+    kinds = {
+        "missing": [key for key in table if key not in state],
+        "unexpected": [key for key in state if key not in table],
+        "of another shape": [
+            f"{key}: file {tuple(state[key].shape)} != network {tuple(param.shape)}"
+            for key, param in table.items()
+            if key in state and tuple(state[key].shape) != tuple(param.shape)
+        ],
+    }
+    total = sum(map(len, kinds.values()))
+    if total:
+        parts = [f"{len(keys)} {kind} ({_first(keys)})" for kind, keys in kinds.items() if keys]
+        raise ConversionError(f"{total} problem(s) mapping the weights: " + "; ".join(parts))
     return {
         param.name: Parameter(Tensor(np.asarray(state[key], dtype=np.float32)), name=param.name)
         for key, param in table.items()
     }
+
+
+def _first(keys: list[str]) -> str:
+    more = len(keys) - SHOWN_PER_KIND
+    return ", ".join(keys[:SHOWN_PER_KIND]) + (f", and {more} more" if more > 0 else "")
 
 
 def infer_num_classes(tensors: dict[str, np.ndarray]) -> int:
@@ -128,27 +139,42 @@ def infer_num_classes(tensors: dict[str, np.ndarray]) -> int:
 
 def convert_official(
     src: Path,
-    arch: str,
-    out: Path,
+    arch: str | None = None,
+    out: Path | None = None,
     num_classes: int | None = None,
     labels: tuple[str, ...] = (),
     force: bool = False,
 ) -> Path:
-    """Official or timm weights -> a MindSpore checkpoint carrying its model card."""
-    out = Path(out)
+    """Official or timm weights -> a MindSpore checkpoint carrying its model card.
+
+    `arch` may be left out for a file with our model card (one `to_official` wrote); `out`
+    defaults to the input's name with `.ckpt`, beside it.
+    """
+    src = Path(src)
+    out = Path(out) if out else src.with_suffix(".ckpt")
     if out.exists() and not force:
         raise ConversionError(f"{out} exists (pass --force to overwrite)")
-    arch = canonical_arch(arch)
     tensors, card = read_state_dict(src)
+    if arch is None:
+        if card is None:
+            raise ConversionError(f"{src} carries no model card: give its architecture with --arch")
+        arch = card.arch
+    arch = canonical_arch(arch)
     classes = num_classes or (card.num_classes if card else infer_num_classes(tensors))
-    if card is None or canonical_arch(card.arch) != arch or card.num_classes != classes:
+    card_says = canonical_arch(card.arch) if card else arch
+    if card is None or card_says != arch or card.num_classes != classes:
         card = ModelMetadata(
-            arch=arch, num_classes=classes, input_size=OFFICIAL_INPUT_SIZE, extra={"source": Path(src).name}
+            arch=arch, num_classes=classes, input_size=OFFICIAL_INPUT_SIZE, extra={"source": src.name}
         )
     if labels:
         card = replace(card, labels=labels)
     net = create_model(arch, classes)
-    load_into(net, map_official(tensors, net))
+    try:
+        params = map_official(tensors, net)
+    except ConversionError as exc:
+        hint = f"; the file's model card says {card_says}: leave out --arch" if card_says != arch else ""
+        raise ConversionError(f"{exc} (as {arch}{hint})") from None
+    load_into(net, params)
     save_checkpoint(net, out, card)
     log.info("wrote %s (%s, %d classes, %d tensors)", out, arch, classes, len(name_table(net)))
     return out
@@ -192,8 +218,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="official/timm .pth or .safetensors; or our .ckpt with --to-official",
     )
-    parser.add_argument("--arch", help="architecture of the official weights (w18_small_v1 ... w64)")
-    parser.add_argument("--out", type=Path, help="MindSpore checkpoint to write (official -> MindSpore)")
+    parser.add_argument(
+        "--arch",
+        help="architecture of the official weights (w18_small_v1 ... w64); "
+        "default: the model card in a file we wrote",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="MindSpore checkpoint to write (default: beside --from, with .ckpt)"
+    )
     parser.add_argument(
         "--to-official",
         type=Path,
@@ -214,8 +246,6 @@ def run(args: argparse.Namespace) -> int:
                 raise CommandError("--to-official takes only --from CKPT (the checkpoint knows the rest)")
             path = to_official(args.src, args.to_official, force=args.force)
         else:
-            if not (args.arch and args.out):
-                raise CommandError("official -> MindSpore needs --arch and --out (or use --to-official FILE)")
             labels = read_labels(args.labels) if args.labels else ()
             path = convert_official(
                 args.src, args.arch, args.out, num_classes=args.num_classes, labels=labels, force=args.force
