@@ -40,3 +40,21 @@ def test_info_rejects_bad_arguments_without_traceback() -> None:
     result = hrnet("info", "--num-classes", "0")
     assert result.returncode == 2
     assert "--num-classes must be >= 1" in result.stderr
+
+
+def test_every_option_with_a_default_says_it_in_help() -> None:
+    import argparse
+    import importlib
+
+    from hrnet.cli import COMMANDS
+
+    silent = []
+    for name, command in COMMANDS.items():
+        parser = argparse.ArgumentParser(prog=f"hrnet {name}")
+        importlib.import_module(command.module).add_arguments(parser)
+        for action in parser._actions:
+            if not action.option_strings or action.default in (None, False, "", argparse.SUPPRESS):
+                continue
+            if "default" not in (action.help or ""):
+                silent.append(f"hrnet {name} {action.option_strings[-1]} (default {action.default!r})")
+    assert not silent, silent

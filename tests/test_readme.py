@@ -89,7 +89,7 @@ ELSEWHERE: dict[str, Elsewhere] = {
         "8 Ascend devices per node and ImageNet (the same launcher with 2 CPU workers runs instead)",
         "tests/training/test_train.py::test_msrun_two_workers_shard_data_and_end_identical",
     ),
-    r"hrnet export --ckpt (runs/w48/last|w48_imagenet)\.ckpt .*": Elsewhere(
+    r"hrnet export --ckpt (runs/w48/best|w48_imagenet)\.ckpt .*": Elsewhere(
         "needs a W48 ImageNet checkpoint (AIR also an Ascend device)",
         "tests/training/test_export.py::test_cli_fixed_batch_then_force_overwrite",
     ),
@@ -278,3 +278,15 @@ def test_curl_commands_run_against_a_server(start_server, model_repo, digit_imag
         assert verdict.expect in result.stdout, f"{line} printed {result.stdout[-2000:]!r}"
         ran.add(pattern)
     assert ran == set(WITH_SERVER)
+
+
+def test_every_run_checkpoint_named_is_one_training_writes() -> None:
+    """The README once quoted `runs/w48/last.ckpt`, which no run writes: a run has best.ckpt and
+    checkpoints/hrnet_<arch>-eNNNN.ckpt."""
+    from training.runs import BEST_CKPT, CKPT_DIR, CKPT_PATTERN
+
+    named = re.findall(r"runs/[\w./-]+?\.ckpt\b", README.read_text(encoding="utf-8"))
+    assert named
+    for path in map(Path, named):
+        in_run = path.name == BEST_CKPT or (path.parent.name == CKPT_DIR and CKPT_PATTERN.match(path.name))
+        assert in_run, f"README names {path}, which hrnet train never writes"

@@ -71,7 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--size", type=int, default=DEFAULT_SIZE, help=f"image side in pixels (default {DEFAULT_SIZE})"
     )
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="train/val split seed")
+    parser.add_argument(
+        "--seed", type=int, default=DEFAULT_SEED, help=f"train/val split seed (default {DEFAULT_SEED})"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -106,16 +106,18 @@ def name_predictions(data_dir: str | Path, predictions: Predictions) -> list[dic
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, type=Path, help="checkpoint written by `hrnet train`")
     parser.add_argument("--data", required=True, type=Path, help="ImageFolder val directory")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
+    parser.add_argument("--num-workers", type=int, default=4, help="dataset workers (default 4)")
     parser.add_argument(
         "--label-smoothing",
         type=float,
         default=0.1,
-        help="smoothing of the reported loss (the seed's 0.1; accuracy does not depend on it)",
+        help="smoothing of the reported loss (default the seed's 0.1; accuracy does not depend on it)",
     )
-    parser.add_argument("--device-target", default="CPU", choices=["CPU", "GPU", "Ascend"])
-    parser.add_argument("--mode", default="graph", choices=["graph", "pynative"])
+    parser.add_argument(
+        "--device-target", default="CPU", choices=["CPU", "GPU", "Ascend"], help="(default CPU)"
+    )
+    parser.add_argument("--mode", default="graph", choices=["graph", "pynative"], help="(default graph)")
     parser.add_argument(
         "--json", type=Path, default=None, help="where to write the result (default <ckpt>.eval.json)"
     )

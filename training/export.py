@@ -39,6 +39,7 @@ from training.precision import (
     gate,
     reduce_model,
 )
+from training.runs import EXPORTS_DIR, run_folder
 
 log = logging.getLogger(__name__)
 
@@ -335,10 +336,14 @@ def _reduction(args: argparse.Namespace) -> Reduction | None:
 
 
 def _default_out(args: argparse.Namespace) -> Path:
+    """The checkpoint's name with the format's suffix: in the run's exports/ folder for a checkpoint
+    of a training run (not among its checkpoints, which rotate), else beside the checkpoint."""
     suffix = SUFFIXES[args.format]
     if args.precision != "fp32":
         suffix = f".{args.precision}{suffix}"
-    return args.ckpt.with_suffix(suffix)
+    run = run_folder(args.ckpt)
+    folder = run / EXPORTS_DIR if run else args.ckpt.parent
+    return folder / (args.ckpt.stem + suffix)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -90,8 +90,10 @@ def model_cost(arch: str, num_classes: int = 1000, input_size: int = 224) -> Mod
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", default="w48", help=f"one of {', '.join(ARCHS)} (default w48)")
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--input-size", type=int, default=224, help="square input side in pixels")
+    parser.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default 1000)")
+    parser.add_argument(
+        "--input-size", type=int, default=224, help="square input side in pixels (default 224)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

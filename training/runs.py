@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ BEST_JSON = "best.json"
 CONFIG_YAML = "config.yaml"
 TEXT_LOG = "log.txt"
 JSON_LOG = "log.jsonl"
+EXPORTS_DIR = "exports"  # where `hrnet export` puts a run's exports by default
+TRAINED = (TEXT_LOG, JSON_LOG, BEST_CKPT, BEST_JSON)  # any of them: a run trained here
 
 
 def checkpoint_path(out_dir: Path, arch: str, epoch: int) -> Path:
@@ -37,6 +40,33 @@ def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
         if match:
             found.append((int(match["epoch"]), path))
     return sorted(found)
+
+
+def run_folder(ckpt: Path) -> Path | None:
+    """The training run a checkpoint belongs to (its best.ckpt, or one of its checkpoints/), if any."""
+    folder = ckpt.parent.parent if ckpt.parent.name == CKPT_DIR else ckpt.parent
+    return folder if (folder / CONFIG_YAML).is_file() else None
+
+
+def previous_run(out_dir: Path) -> list[Path]:
+    """What an earlier run left in `out_dir` and what our commands derived from it in their default
+    places (eval results, exports/); empty when nothing was trained there."""
+    if not any((out_dir / name).exists() for name in TRAINED) and not list_checkpoints(out_dir):
+        return []
+    names = (*TRAINED, CONFIG_YAML, CKPT_DIR, EXPORTS_DIR)
+    found = [out_dir / name for name in names if (out_dir / name).exists()]
+    return found + sorted(out_dir.glob(f"{BEST_CKPT}.*"))  # best.ckpt.eval.json
+
+
+def clear_run(out_dir: Path) -> list[Path]:
+    """Remove `previous_run(out_dir)`, nothing else; what was removed."""
+    removed = previous_run(out_dir)
+    for path in removed:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return removed
 
 
 def read_best_top1(out_dir: Path) -> float:

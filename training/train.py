@@ -57,8 +57,10 @@ from training.runs import (
     CONFIG_YAML,
     RunLog,
     checkpoint_path,
+    clear_run,
     epoch_line,
     list_checkpoints,
+    previous_run,
     read_best_top1,
 )
 
@@ -118,8 +120,30 @@ def init_distributed() -> tuple[int, int]:
     return rank, size
 
 
-def setup_run(cfg: TrainConfig) -> RunContext:
-    """MindSpore's context, the msrun group, the same seeds on every rank, and rank 0's output folder."""
+def check_start(cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
+    """Before anything is written: the datasets exist, and `output_dir` holds no earlier run unless
+    it is resumed or replaced, so a forgotten `--resume` never mixes two runs' files.
+
+    Under msrun every rank checks before joining the group, and rank 0 writes only after all have
+    joined, so no rank mistakes this run's first files for an earlier run.
+    """
+    class_names(cfg.data_path)
+    if cfg.eval_data_path:
+        class_names(cfg.eval_data_path)
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in output_dir, --overwrite replaces it: pick one")
+    previous = previous_run(Path(cfg.output_dir))
+    if previous and not (resume or overwrite):
+        names = ", ".join(p.name for p in previous[:4])
+        raise ConfigError(
+            f"{cfg.output_dir} holds an earlier run ({names}): pass --resume to continue it, "
+            "--overwrite to replace it, or another --output-dir"
+        )
+
+
+def setup_run(cfg: TrainConfig, overwrite: bool = False) -> RunContext:
+    """MindSpore's context, the msrun group, the same seeds on every rank, and rank 0's output folder
+    (emptied of the earlier run first with `overwrite`)."""
     ms.set_context(
         mode=ms.GRAPH_MODE if cfg.mode == "graph" else ms.PYNATIVE_MODE, device_target=cfg.device_target
     )
@@ -128,6 +152,9 @@ def setup_run(cfg: TrainConfig) -> RunContext:
     ds.config.set_seed(cfg.seed)  # every rank shuffles the same way, so the shards are disjoint
     out = Path(cfg.output_dir)
     if rank == 0:
+        if overwrite:
+            for path in clear_run(out):
+                log.info("removed %s (--overwrite)", path)
         (out / CKPT_DIR).mkdir(parents=True, exist_ok=True)
         for stale in (out / CKPT_DIR).glob(".*.tmp*"):  # left by a run killed while writing
             stale.unlink()
@@ -537,10 +564,11 @@ def report_end(
 # --- the run ---------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig, resume: bool = False) -> TrainResult:
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
     cfg = config
     started = time.perf_counter()
-    run = setup_run(cfg)
+    check_start(cfg, resume, overwrite)
+    run = setup_run(cfg, overwrite)
     data = load_data(cfg, run.rank, run.world)
     factor = lr_factor(cfg, run.world)
     lrs = lr_schedule(cfg, factor, data.steps_per_epoch)
@@ -597,6 +625,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="continue from the newest checkpoint in output_dir (epoch, LR position, optimizer)",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the earlier run in output_dir (its checkpoints, logs, best.*, config.yaml and "
+        "exports/); without this or --resume such a folder is refused",
+    )
     add_config_arguments(parser)
 
 
@@ -605,7 +639,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides_from_args(args))
         if not cfg.data_path:
             raise ConfigError("no training data: set data_path in the config or pass --data-path")
-        result = train(cfg, resume=args.resume)
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         raise CommandError(str(exc)) from exc
     if result.last_eval is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import time
 from dataclasses import replace
@@ -265,3 +266,18 @@ def test_checkpoint_and_exports_are_readable_by_others_under_the_umask(ckpt, exp
     expected = 0o666 & ~current_umask()
     for path in (ckpt, exported["ONNX"], exported["MINDIR"], sidecar_path(exported["MINDIR"])):
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
+
+
+def test_default_exports_of_a_run_go_to_its_exports_folder(ckpt, tmp_path, capsys):
+    run = tmp_path / "run"
+    in_run = run / "checkpoints" / "hrnet_w18_small_v1-e0004.ckpt"
+    in_run.parent.mkdir(parents=True)
+    shutil.copy(ckpt, in_run)
+    (run / "config.yaml").write_text("arch: w18_small_v1\n")
+    assert main(["export", "--ckpt", str(in_run), "--format", "ONNX"]) == 0
+    assert (run / "exports" / "hrnet_w18_small_v1-e0004.onnx").is_file()
+    assert sorted(p.name for p in in_run.parent.iterdir()) == [in_run.name]  # checkpoints/ holds checkpoints
+    loose = tmp_path / "loose.ckpt"  # not in a run: beside itself, as before
+    shutil.copy(ckpt, loose)
+    assert main(["export", "--ckpt", str(loose), "--format", "ONNX"]) == 0
+    assert (tmp_path / "loose.onnx").is_file()

@@ -26,10 +26,13 @@ from training.lr import learning_rates
 from training.runs import (
     CKPT_DIR,
     CONFIG_YAML,
+    EXPORTS_DIR,
     RunLog,
     checkpoint_path,
+    clear_run,
     epoch_line,
     list_checkpoints,
+    previous_run,
     read_best_top1,
 )
 from training.train import (
@@ -39,6 +42,7 @@ from training.train import (
     Start,
     TrainData,
     build_learner,
+    check_start,
     load_data,
     lr_factor,
     lr_schedule,
@@ -143,6 +147,70 @@ def test_run_log_writes_both_logs_only_when_enabled(tmp_path):
     runlog.event("epoch", epoch=1)
     assert (tmp_path / "log.txt").read_text() == "epoch: [1/2]\n"
     assert [e["epoch"] for e in _events(tmp_path, "epoch")] == [1]
+
+
+def _earlier_run(out: Path) -> list[Path]:
+    """The files an earlier run (and eval/export at their default places) leave, and one of the user's."""
+    files = [
+        out / "log.jsonl",
+        out / "log.txt",
+        out / CONFIG_YAML,
+        out / "best.ckpt",
+        out / "best.json",
+        out / "best.ckpt.eval.json",
+        checkpoint_path(out, ARCH, 1),
+        out / EXPORTS_DIR / "best.onnx",
+    ]
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("earlier")
+    (out / "notes.txt").write_text("the user's")
+    return files
+
+
+def test_an_earlier_run_is_found_and_cleared_but_nothing_else(tmp_path):
+    assert previous_run(tmp_path / "new") == [] and previous_run(tmp_path) == []
+    (tmp_path / CONFIG_YAML).write_text("a run that failed before training")
+    assert previous_run(tmp_path) == []  # nothing trained: a rerun may reuse the folder
+    files = _earlier_run(tmp_path / "run")
+    found = previous_run(tmp_path / "run")
+    assert {p.name for p in found} >= {"log.jsonl", CKPT_DIR, EXPORTS_DIR, "best.ckpt.eval.json"}
+    clear_run(tmp_path / "run")
+    assert not any(p.exists() for p in files)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["notes.txt"]
+
+
+def test_an_earlier_run_needs_resume_or_overwrite(image_folder, tmp_path):
+    out = tmp_path / "run"
+    files = _earlier_run(out)
+    cfg = _config(image_folder, out)
+    with pytest.raises(ConfigError, match=r"holds an earlier run .*--resume to continue it, --overwrite"):
+        check_start(cfg, resume=False, overwrite=False)
+    with pytest.raises(ConfigError, match="pick one"):
+        check_start(cfg, resume=True, overwrite=True)
+    assert all(p.read_text() == "earlier" for p in files)
+    check_start(cfg, resume=True, overwrite=False)
+    check_start(cfg, resume=False, overwrite=True)
+    setup_run(cfg, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [CKPT_DIR, CONFIG_YAML, "notes.txt"]
+    assert list((out / CKPT_DIR).iterdir()) == [] and load_config(out / CONFIG_YAML) == cfg
+
+
+def test_a_missing_dataset_is_refused_before_the_output_folder_exists(tmp_path):
+    out = tmp_path / "run"
+    paths = ["--data-path", str(tmp_path / "nope"), "--output-dir", str(out)]
+    result = subprocess.run(
+        [sys.executable, "-m", "hrnet", "train", "--config", "hrnet_digits", *paths],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip().splitlines()[-1].startswith("hrnet train: error: dataset directory not found")
+    )
+    assert not out.exists()
 
 
 # --- setup, data, LR ------------------------------------------------------------------------
