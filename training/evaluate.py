@@ -14,14 +14,15 @@ import argparse
 import json
 from pathlib import Path
 
-import mindspore as ms
 import numpy as np
 from mindspore import nn
+from tqdm import tqdm
 
 from core.atomic import atomic_write_text
 from core.errors import CommandError
 from core.metadata import MetadataError
 from training.checkpoint import load_into, read_checkpoint
+from training.context import set_mode_and_device
 from training.data import class_names, eval_dataset
 from training.loss import LabelSmoothingCrossEntropy
 from training.model import create_model
@@ -30,15 +31,29 @@ Predictions = list[tuple[int, list[int]]]  # per sample, in dataset order: (labe
 
 
 def score(
-    net: nn.Cell, dataset, loss_fn: nn.Cell, predictions: Predictions | None = None
+    net: nn.Cell,
+    dataset,
+    loss_fn: nn.Cell,
+    predictions: Predictions | None = None,
+    progress: bool = True,
+    desc: str = "eval",
 ) -> dict[str, float]:
     """{'Loss', 'Top_1_Acc', 'Top_5_Acc'} over every sample of `dataset`; loss averaged per image.
 
     `predictions`, when given, receives each sample's label and best classes (up to 5, best first).
+    A tqdm bar (stderr) counts the batches: graph compilation and a large val set take a while.
     """
     net.set_train(False)
     total, loss_sum, top1, top5 = 0, 0.0, 0, 0
-    for image, label in dataset.create_tuple_iterator(num_epochs=1):
+    batches = tqdm(
+        dataset.create_tuple_iterator(num_epochs=1),
+        total=dataset.get_dataset_size(),
+        desc=desc,
+        unit="batch",
+        disable=not progress,
+        leave=False,
+    )
+    for image, label in batches:
         logits = net(image)
         n = int(label.shape[0])
         loss_sum += float(loss_fn(logits, label).asnumpy()) * n
@@ -66,7 +81,7 @@ def evaluate(
     predictions: Predictions | None = None,
 ) -> dict[str, float]:
     """Load a checkpoint written by `hrnet train` and score it on `data_dir` (an ImageFolder)."""
-    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE, device_target=device_target)
+    set_mode_and_device(mode, device_target)
     checkpoint = read_checkpoint(ckpt)
     metadata = checkpoint.metadata
     if metadata is None:

@@ -45,6 +45,7 @@ from training.config import (
     overrides_from_args,
     to_yaml,
 )
+from training.context import set_mode_and_device, without_mindspore_warning
 from training.data import class_names, eval_dataset, train_dataset, train_transforms
 from training.evaluate import score
 from training.loss import LabelSmoothingCrossEntropy
@@ -144,9 +145,7 @@ def check_start(cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
 def setup_run(cfg: TrainConfig, overwrite: bool = False) -> RunContext:
     """MindSpore's context, the msrun group, the same seeds on every rank, and rank 0's output folder
     (emptied of the earlier run first with `overwrite`)."""
-    ms.set_context(
-        mode=ms.GRAPH_MODE if cfg.mode == "graph" else ms.PYNATIVE_MODE, device_target=cfg.device_target
-    )
+    set_mode_and_device(cfg.mode, cfg.device_target)
     rank, world = init_distributed()
     ms.set_seed(cfg.seed)  # every rank builds the same initial weights
     ds.config.set_seed(cfg.seed)  # every rank shuffles the same way, so the shards are disjoint
@@ -274,7 +273,10 @@ def make_optimizer(net: nn.Cell, cfg: TrainConfig, lrs: np.ndarray) -> nn.Optimi
             loss_scale=cfg.loss_scale,
         )
     if cfg.optimizer == "adam":
-        return nn.Adam(groups, learning_rate=lr, beta1=cfg.momentum, eps=cfg.eps, loss_scale=cfg.loss_scale)
+        with without_mindspore_warning("'FusedSparseAdam' is deprecated"):
+            return nn.Adam(
+                groups, learning_rate=lr, beta1=cfg.momentum, eps=cfg.eps, loss_scale=cfg.loss_scale
+            )
     return nn.Momentum(
         groups, learning_rate=lr, momentum=cfg.momentum, use_nesterov=cfg.nesterov, loss_scale=cfg.loss_scale
     )
@@ -471,9 +473,11 @@ class CheckpointSaver:
         return True
 
 
-def validate(learner: Learner, eval_data: ds.Dataset, epoch: int, runlog: RunLog) -> dict[str, float]:
+def validate(
+    learner: Learner, eval_data: ds.Dataset, epoch: int, runlog: RunLog, progress: bool = False
+) -> dict[str, float]:
     """Every val image once, as `hrnet eval` scores it, so the two figures compare."""
-    scores = score(learner.net, eval_data, learner.loss_fn)
+    scores = score(learner.net, eval_data, learner.loss_fn, progress=progress, desc=f"eval {epoch}")
     runlog.line(f"epoch {epoch} eval: {scores}")
     runlog.event("eval", epoch=epoch, **scores)
     return scores
@@ -597,7 +601,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         final = done == cfg.last_epoch
         saver.epoch_end(learner, done, final)
         if eval_data is not None and (done % cfg.eval_interval == 0 or final):
-            last_eval = validate(learner, eval_data, done, run.log)
+            last_eval = validate(learner, eval_data, done, run.log, cfg.progress)
             saver.offer_best(learner.net, last_eval, done)
     batches.stop()
     seconds = report_end(cfg, run, learner, start, label_counts, saver, started)

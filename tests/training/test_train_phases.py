@@ -8,6 +8,8 @@ own rule shows (30 images in 10 classes, w18_small_v1 at 32 px, a one-layer net 
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -19,10 +21,12 @@ import pytest
 from mindspore import nn
 from PIL import Image
 
-from training.checkpoint import read_checkpoint
+from core.metadata import ModelMetadata
+from training.checkpoint import read_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig, load_config
 from training.loss import LabelSmoothingCrossEntropy
 from training.lr import learning_rates
+from training.model import create_model
 from training.runs import (
     CKPT_DIR,
     CONFIG_YAML,
@@ -371,3 +375,65 @@ def test_start_from_weights_keeps_the_configured_epoch_and_fresh_optimizer(
     other_arch = replace(data, metadata=replace(data.metadata, arch="w18"))
     with pytest.raises(ConfigError, match="holds w18_small_v1 with 10 classes, the config asks for w18"):
         restore(cfg, fresh, other_arch, tmp_path / "new", resume=False)
+
+
+# --- what the commands print ------------------------------------------------------------------
+
+
+def _quiet_env() -> dict[str, str]:
+    """MindSpore at its default log level (warnings shown), unlike the other command tests."""
+    return {k: v for k, v in os.environ.items() if k != "GLOG_v"} | {"PYTHONPATH": str(REPO)}
+
+
+def test_no_deprecation_warnings_from_our_calls(tmp_path):
+    probe = (
+        "import numpy as np\n"
+        "from training.config import TrainConfig\n"
+        "from training.context import set_mode_and_device\n"
+        "from training.model import create_model\n"
+        "from training.train import make_optimizer\n"
+        "set_mode_and_device('graph', 'CPU')\n"
+        "net = create_model('w18_small_v1', 10)\n"
+        "make_optimizer(net, TrainConfig(optimizer='adam'), np.full(4, 1e-3, np.float32))\n"
+        "print('built')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env=_quiet_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "built", result.stderr
+    assert "deprecated" not in result.stderr, result.stderr  # device_target, FusedSparseAdam
+
+
+def test_eval_shows_progress_and_no_deprecation_warning(image_folder, tmp_path):
+    ckpt = save_checkpoint(
+        create_model(ARCH, CLASSES),
+        tmp_path / "m.ckpt",
+        ModelMetadata(arch=ARCH, num_classes=CLASSES, input_size=32),
+    )
+    args = [
+        "eval",
+        "--ckpt",
+        str(ckpt),
+        "--data",
+        str(image_folder),
+        "--batch-size",
+        "8",
+        "--mode",
+        "pynative",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "hrnet", *args],
+        cwd=tmp_path,
+        env=_quiet_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"eval: +100%\|.*\| 4/4 ", result.stderr), result.stderr  # 30 images, 8 per batch
+    assert "deprecated" not in result.stderr, result.stderr
