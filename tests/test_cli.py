@@ -48,13 +48,20 @@ def test_every_option_with_a_default_says_it_in_help() -> None:
 
     from hrnet.cli import COMMANDS
 
-    silent = []
+    def silent(parser: argparse.ArgumentParser) -> list[str]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                found += [line for sub in action.choices.values() for line in silent(sub)]
+            elif not action.option_strings or action.default in (None, False, "", argparse.SUPPRESS):
+                continue
+            elif "default" not in (action.help or ""):
+                found.append(f"{parser.prog} {action.option_strings[-1]} (default {action.default!r})")
+        return found
+
+    missing = []
     for name, command in COMMANDS.items():
         parser = argparse.ArgumentParser(prog=f"hrnet {name}")
         importlib.import_module(command.module).add_arguments(parser)
-        for action in parser._actions:
-            if not action.option_strings or action.default in (None, False, "", argparse.SUPPRESS):
-                continue
-            if "default" not in (action.help or ""):
-                silent.append(f"hrnet {name} {action.option_strings[-1]} (default {action.default!r})")
-    assert not silent, silent
+        missing += silent(parser)
+    assert not missing, missing
