@@ -397,10 +397,11 @@ class DataPlane:
         return resolve(self._models, name, version)
 
     def model_ready(self, name: str, version: str = "") -> bool:
-        """KServe ModelReady: False for a model that is not served (never loaded, failed, unloaded)."""
+        """KServe ModelReady: False for a model that is not served (never loaded, failed, unloaded);
+        UNAVAILABLE, as from `get`, while the server starts or drains: come back later."""
         try:
             return self.get(name, version).ready
-        except ServingError:
+        except ModelNotFound:
             return False
 
     @property

@@ -9,9 +9,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -21,8 +24,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos import classifier_pb2, classifier_pb2_grpc
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
-from serving.errors import ModelLoadError
+from serving.errors import ModelLoadError, Unavailable
 from serving.server import Server
+from serving.service import DataPlane
 from tests.conftest import serving_config
 
 PROBE = Path(__file__).with_name("triton_control_probe.py")
@@ -63,8 +67,29 @@ def until(check: Callable[[], bool], timeout_s: float = 30.0, what: str = "") ->
     raise AssertionError(f"not within {timeout_s} s: {what}")
 
 
+def post(url: str, body: dict | None) -> tuple[int, Any]:
+    """(status, JSON answer) of a REST call; a GET when `body` is None. Errors are answers."""
+    data = None if body is None else json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=60) as reply:
+            raw = reply.read()
+            status = reply.status
+    except urllib.error.HTTPError as exc:
+        raw, status = exc.read(), exc.code
+    return status, json.loads(raw) if raw.strip() else None
+
+
 def health_of(channel: grpc.Channel, name: str) -> int:
     return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=name)).status
+
+
+def test_model_ready_is_unavailable_while_the_server_starts_or_drains() -> None:
+    """Not False (a client would give up on a model still loading) nor NOT_FOUND: come back."""
+    plane = DataPlane()
+    with pytest.raises(Unavailable):
+        plane.model_ready("hrnet")
+    plane.open()
+    assert plane.model_ready("hrnet") is False  # accepting, and no such model: not served
 
 
 def test_a_model_that_fails_to_load_leaves_the_others_serving(model_repo, start_server, tmp_path) -> None:
@@ -162,6 +187,18 @@ def test_tritonclient_loads_unloads_and_reads_the_index(model_repo, start_server
     assert seen["load_missing"].startswith("StatusCode.NOT_FOUND") and "no folder" in seen["load_missing"]
     assert seen["load_with_config"].startswith("StatusCode.INVALID_ARGUMENT")
     assert seen["hrnet_ready_after_reload"]
+    # The REST routes call the same operations.
+    rest = f"http://{server.http_address}/v2"
+    assert post(f"{rest}/repository/models/plain/unload", {})[0] == 200
+    assert (
+        post(f"{rest}/models/plain/ready", None)[0] == 400
+        and post(f"{rest}/models/nope/ready", None)[0] == 404
+    )
+    status, body = post(f"{rest}/repository/models/plain/load", {"parameters": {"config": "{}"}})
+    assert status == 400 and "not supported" in body["error"]
+    assert post(f"{rest}/repository/models/plain/load", {})[0] == 200
+    status, rows = post(f"{rest}/repository/index", {"ready": True})
+    assert status == 200 and {(r["name"], r["version"]) for r in rows} == {("hrnet", "1"), ("plain", "1")}
 
 
 def test_poll_waits_for_files_to_settle_keeps_the_old_version_and_follows_the_repository(
@@ -225,17 +262,28 @@ def test_a_version_swap_under_load_fails_no_request(model_repo, digit_images, st
                 try:
                     if kind == "infer":
                         version = kserve.ModelInfer(infer_request(), timeout=30).model_version
+                    elif kind == "rest":
+                        status, answer = post(rest, rest_body)
+                        if status != 200:
+                            raise RuntimeError(f"REST {status}: {answer}")
+                        version = answer["model_version"]
                     else:
                         request = classifier_pb2.ClassifyRequest(model_name="hrnet", images=[png])
                         version = classifier.Classify(request, timeout=30).model_version
                     code = "OK"
                 except grpc.RpcError as exc:
                     code, version = exc.code().name, "-"
+                except RuntimeError as exc:
+                    code, version = str(exc)[:60], "-"
                 with lock:
                     outcomes[code] += 1
                     versions[version] += 1
 
-    threads = [threading.Thread(target=caller, args=(k,)) for k in ("infer", "classify") * 3]
+    rest = f"http://{server.http_address}/v2/models/hrnet/infer"
+    rest_body = {
+        "inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072}]
+    }
+    threads = [threading.Thread(target=caller, args=(k,)) for k in ("infer", "classify", "rest") * 2]
     for thread in threads:
         thread.start()
     try:

@@ -335,7 +335,7 @@ def test_repository_index_and_model_control(base) -> None:
     }
     assert json.loads(call(f"{base}/v2/repository/index", b'{"ready": true}')[2]) == index
     status, _, body = call(f"{base}/v2/repository/models/hrnet/unload", b"")
-    assert status == 501 and "does not load or unload models" in json.loads(body)["error"]
+    assert status == 400 and "--model-control explicit" in json.loads(body)["error"]
 
 
 def test_rest_needs_the_token_except_for_health(start_server, plain_repo) -> None:
