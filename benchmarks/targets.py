@@ -27,7 +27,7 @@ from protos.grpc_service_pb2_grpc import GRPCInferenceServiceStub as Stub
 from serving.config import ModelConfig
 from serving.errors import ModelLoadError
 from serving.process import ServerExited, ServerProcess
-from serving.repository import default_model_name, scan_repository
+from serving.repository import default_model_name, model_names, scan_model
 
 START_TIMEOUT_S = 300.0  # a W48 export on a busy CPU takes a while to load
 
@@ -57,18 +57,20 @@ class ServerSource:
         return ["--model", str(self.model), *name]
 
     def served(self, served_name: str, defaults: ModelConfig) -> tuple[Path | None, ModelConfig]:
-        """The file the server runs and how: `--model` with `defaults`, or the newest version in
-        `--repo` with the model's own config.yaml over `defaults`, as the server reads it.
+        """The file the server runs and how: `--model` with `defaults`, or the newest version of
+        `--repo` its version policy serves, with its config.yaml over `defaults`, as the server reads it.
         """
         if not self.repo:
             return self.model, defaults
         try:
-            sources = [s for s in scan_repository(self.repo, defaults) if s.name == served_name]
+            model_names(self.repo)  # the repository itself must be there
         except ModelLoadError as exc:
             raise CommandError(str(exc)) from None
-        if not sources:
+        folder = scan_model(self.repo, served_name, defaults)
+        loadable = [v for v in folder.wanted() if v in folder.sources]
+        if not loadable:
             return None, defaults
-        newest = max(sources, key=lambda s: int(s.version))
+        newest = folder.sources[max(loadable, key=int)]
         return newest.path, newest.config
 
 
