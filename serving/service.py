@@ -365,14 +365,17 @@ class DataPlane:
     async def _finish(model: LoadedModel, deadline: float, poll_s: float = 0.01) -> bool:
         """Let every request `model` accepted end (by `deadline`), then stop its batcher.
 
-        Waiting on the requests, not only on the batcher's queue, covers those still decoding
-        their images: they reach the batcher after the queue looked empty.
+        Requests still decoding their images reach the batcher after its queue looked empty, so
+        they are waited for first; then the batcher runs what is queued at once (not after
+        `max_queue_delay_us`) and stops. The model stays ready meanwhile.
         """
-        while model.active and time.monotonic() < deadline:
+        while model.preparing and time.monotonic() < deadline:
             await asyncio.sleep(poll_s)
-        drained = not model.active
+        closed = await model.batcher.close(max(0.0, deadline - time.monotonic()))
+        while model.active and time.monotonic() < deadline:  # their answers being handed back
+            await asyncio.sleep(poll_s)
         model.ready = False
-        return await model.batcher.close(max(0.0, deadline - time.monotonic())) and drained
+        return closed and not model.active
 
     @property
     def models(self) -> list[LoadedModel]:
