@@ -265,3 +265,37 @@ def test_the_token_is_checked_in_the_workers_and_travels_with_forwarded_calls(st
             assert call(request, timeout=30, metadata=token).ByteSize() > 0
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
         assert health.status == health_pb2.HealthCheckResponse.SERVING  # probes need no token
+
+
+def test_repository_calls_reach_the_owner_and_every_worker_routes_by_the_new_catalog(
+    start_server, repo
+) -> None:
+    """Load, a version swap and unload through the workers: forwarded, then published to each."""
+    running = start_server(repo, workers=2, model_control="explicit")
+
+    def infer_all() -> set[str]:
+        """The version answering through 6 connections (spread over both workers), or the error."""
+        seen = set()
+        for _ in range(6):
+            with grpc.insecure_channel(running.address, options=OWN_CONNECTION) as channel:
+                try:
+                    reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                        _infer_request(np.zeros(SHAPE, np.float32)), timeout=60
+                    )
+                    seen.add(reply.model_version)
+                except grpc.RpcError as exc:
+                    seen.add(exc.code().name)
+        return seen
+
+    with grpc.insecure_channel(running.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert infer_all() == {"NOT_FOUND"}  # explicit mode loads nothing unasked
+        stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="hrnet"), timeout=60)
+        assert infer_all() == {"1"}
+        shutil.copytree(repo / "hrnet" / "1", repo / "hrnet" / "2")
+        stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="hrnet"), timeout=60)
+        assert infer_all() == {"2"}
+        index = stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), timeout=30)
+        assert [(m.name, m.version, m.state) for m in index.models] == [("hrnet", "2", "READY")]
+        stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="hrnet"), timeout=60)
+        assert infer_all() == {"NOT_FOUND"}
