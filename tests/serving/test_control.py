@@ -164,28 +164,33 @@ def test_load_and_unload_need_model_control_explicit(grpc_server) -> None:
             assert "--model-control explicit" in refused.value.details()
 
 
-def test_tritonclient_loads_unloads_and_reads_the_index(model_repo, start_server, tmp_path) -> None:
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_tritonclient_loads_unloads_and_reads_the_index(model_repo, start_server, tmp_path, protocol) -> None:
     repo = tmp_path / "repo"
     put(repo, "hrnet", "1", model_repo.onnx)
     put(repo, "plain", "1", model_repo.plain)
     server = start_server(repo, model_control="explicit", load_models=("hrnet",))
+    address = server.address if protocol == "grpc" else server.http_address
     proc = subprocess.run(
-        [sys.executable, str(PROBE), server.address], capture_output=True, text=True, timeout=120
+        [sys.executable, str(PROBE), address, protocol], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(proc.stdout)
-    start = {(m["name"], m.get("version", "")): m for m in seen["index_at_start"]["models"]}
+    start = {(m["name"], m.get("version", "")): m for m in seen["index_at_start"]}
     assert start[("hrnet", "1")]["state"] == "READY"
     assert start[("plain", "1")]["state"] == "UNAVAILABLE"
     assert "RepositoryModelLoad" in start[("plain", "1")]["reason"]
     assert not seen["plain_ready_before"] and seen["plain_ready_after_load"]
     assert not seen["hrnet_ready_after_unload"]
-    after = {(m["name"], m.get("version", "")): m for m in seen["index_after"]["models"]}
+    after = {(m["name"], m.get("version", "")): m for m in seen["index_after"]}
     assert after[("hrnet", "1")]["state"] == "UNAVAILABLE" and after[("hrnet", "1")]["reason"] == "unloaded"
     assert after[("plain", "1")]["state"] == "READY"
-    assert seen["infer_unloaded"].startswith("StatusCode.NOT_FOUND") and "unloaded" in seen["infer_unloaded"]
-    assert seen["load_missing"].startswith("StatusCode.NOT_FOUND") and "no folder" in seen["load_missing"]
-    assert seen["load_with_config"].startswith("StatusCode.INVALID_ARGUMENT")
+    not_found, invalid = (
+        ("StatusCode.NOT_FOUND", "StatusCode.INVALID_ARGUMENT") if protocol == "grpc" else ("404", "400")
+    )
+    assert seen["infer_unloaded"].startswith(not_found) and "unloaded" in seen["infer_unloaded"]
+    assert seen["load_missing"].startswith(not_found) and "no folder" in seen["load_missing"]
+    assert seen["load_with_config"].startswith(invalid) and "not supported" in seen["load_with_config"]
     assert seen["hrnet_ready_after_reload"]
     # The REST routes call the same operations.
     rest = f"http://{server.http_address}/v2"

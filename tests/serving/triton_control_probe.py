@@ -1,4 +1,5 @@
-"""Run by test_control.py in a child process: tritonclient.grpc's model control against our server.
+"""Run by test_control.py in a child process: tritonclient's model control (over gRPC, or over
+REST with tritonclient.http) against our server.
 
 A child for the same reason as triton_probe.py: tritonclient's protobuf symbols clash with ours.
 Prints what it saw as JSON.
@@ -6,10 +7,10 @@ Prints what it saw as JSON.
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 
-import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 
@@ -21,15 +22,23 @@ def status(call, *args, **kwargs) -> str:
     return "OK"
 
 
-def main(address: str) -> None:
+def main(address: str, protocol: str) -> None:
+    tc = importlib.import_module(f"tritonclient.{protocol}")
     client = tc.InferenceServerClient(address)
-    out: dict[str, object] = {"index_at_start": client.get_model_repository_index(as_json=True)}
+
+    def index() -> list[dict]:
+        """The rows; tritonclient.grpc's JSON leaves out empty fields, as protobuf's does."""
+        if protocol == "grpc":
+            return client.get_model_repository_index(as_json=True)["models"]
+        return client.get_model_repository_index()
+
+    out: dict[str, object] = {"index_at_start": index()}
     out["plain_ready_before"] = client.is_model_ready("plain")
     client.load_model("plain")
     out["plain_ready_after_load"] = client.is_model_ready("plain")
     client.unload_model("hrnet")
     out["hrnet_ready_after_unload"] = client.is_model_ready("hrnet")
-    out["index_after"] = client.get_model_repository_index(as_json=True)
+    out["index_after"] = index()
     out["infer_unloaded"] = status(client.get_model_metadata, "hrnet")
     out["load_missing"] = status(client.load_model, "missing")
     out["load_with_config"] = status(client.load_model, "plain", config="{}")
