@@ -78,9 +78,17 @@ def _load(parser: argparse.ArgumentParser, concurrency_help: str) -> None:
     )
     group.add_argument("--images-per-request", type=int, default=1, help="default 1")
     group.add_argument("--streaming", action="store_true", help="one bidirectional stream per worker")
-    group.add_argument("--max-batch-size", type=int, default=0, help="hrnet serve --max-batch-size")
     group.add_argument(
-        "--max-queue-delay-us", type=int, default=None, help="hrnet serve --max-queue-delay-us"
+        "--max-batch-size",
+        type=int,
+        default=0,
+        help="hrnet serve --max-batch-size (default %(default)s; 0: the server's own)",
+    )
+    group.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=None,
+        help="hrnet serve --max-queue-delay-us (default %(default)s; None: the server's own)",
     )
     _ceiling_options(parser)
 
@@ -99,9 +107,20 @@ def _soak_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--capacity-seconds", type=float, default=10.0, help="capacity measurement (default 10)"
     )
-    parser.add_argument("--image-share", type=float, default=0.5, help="share of encoded-image requests")
-    parser.add_argument("--cancel-share", type=float, default=0.1, help="share cancelled by the client")
-    parser.add_argument("--deadline-ms", type=float, nargs=2, default=(50.0, 2000.0), metavar=("MIN", "MAX"))
+    parser.add_argument(
+        "--image-share", type=float, default=0.5, help="share of encoded-image requests (default 0.5)"
+    )
+    parser.add_argument(
+        "--cancel-share", type=float, default=0.1, help="share cancelled by the client (default 0.1)"
+    )
+    parser.add_argument(
+        "--deadline-ms",
+        type=float,
+        nargs=2,
+        default=(50.0, 2000.0),
+        metavar=("MIN", "MAX"),
+        help="each request's deadline, drawn uniformly (default 50 2000)",
+    )
     parser.add_argument(
         "--p99-bound-ms", type=float, default=2000.0, help="p99 of accepted requests, at most (default 2000)"
     )
@@ -140,7 +159,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _load(p, "closed-loop callers per level (default 1,4,16,64 unless --rate)")
     p.add_argument("--rate", type=_floats, help="open-loop levels: Poisson arrivals, requests/s")
     p.add_argument("--serve-args", default="", help="more `hrnet serve` flags")
-    p.add_argument("--peers-dir", type=Path, default=Path("runs/peers"), help="peer virtual environments")
+    p.add_argument(
+        "--peers-dir",
+        type=Path,
+        default=Path("runs/peers"),
+        help="peer virtual environments (default runs/peers)",
+    )
     p.set_defaults(max_batch_size=16, max_queue_delay_us=2000)
     _output(p)
 
@@ -156,18 +180,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = modes.add_parser("batching", help="dynamic batching off vs on at one concurrency, alternated")
     p.add_argument("--model", type=Path, required=True, help="ONNX or MINDIR file to serve")
     p.add_argument("--concurrency", type=int, default=16, help="closed-loop callers (default 16)")
-    p.add_argument("--repeats", type=int, default=3, help="alternate the two settings this many times")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="alternate the two settings this many times (default 3)"
+    )
     p.add_argument("--max-batch-size", type=int, default=16, help="batch size when batching (default 16)")
     p.add_argument("--max-queue-delay-us", type=int, default=2000, help="batching wait (default 2000)")
-    p.add_argument("--warmup", type=float, default=2.0)
-    p.add_argument("--duration", type=float, default=10.0)
-    p.add_argument("--requests", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--api", default="kserve", choices=["kserve", "classifier"])
-    p.add_argument("--images", type=Path)
-    p.add_argument("--images-per-request", type=int, default=1)
-    p.add_argument("--streaming", action="store_true")
-    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring (default 2)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds measured per setting (default 10)")
+    p.add_argument("--requests", type=int, default=0, help="measure this many requests instead")
+    p.add_argument("--workers", type=int, default=1, help="load generator processes (default 1)")
+    p.add_argument("--api", default="kserve", choices=["kserve", "classifier"], help="default kserve")
+    p.add_argument("--images", type=Path, help="send encoded images from this folder (default: FP32 tensors)")
+    p.add_argument("--images-per-request", type=int, default=1, help="default 1")
+    p.add_argument("--streaming", action="store_true", help="one bidirectional stream per worker")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
     _ceiling_options(p)
     _output(p)
 
