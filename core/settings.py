@@ -7,12 +7,14 @@ checks every key and converts every value against the type hints, so a typo or a
 reported with its key and source instead of surfacing later. One command-line flag and one
 environment variable per leaf field are generated from the same fields, with the same name:
 `model_defaults.batching.max_batch_size` is `--max-batch-size` and `HRNET_MAX_BATCH_SIZE`.
-Adding a setting is adding a field.
+Adding a setting is adding a field. A `dict[str, T]` field is one leaf too: in YAML a mapping,
+on a command line or in a variable the same mapping in YAML flow style (`{a: {b: 1}}`).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import logging
@@ -35,8 +37,12 @@ _FALSE = ("0", "false", "no", "off")
 def setting(default: Any, help: str = "", *, flag: str = "", secret: bool = False) -> Any:
     """A dataclass field with its help text. `flag` renames its flag and variable (default: the field
     name); `secret` keeps it off the command line, where `ps` would show it (YAML and environment only).
+    A mapping default is copied for each instance.
     """
-    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "secret": secret})
+    metadata = {"help": help, "flag": flag, "secret": secret}
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 # --- plain data -> dataclass ------------------------------------------------------------------
@@ -64,6 +70,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return build(hint, value, where)
     origin = typing.get_origin(hint)
+    if origin is dict:
+        return _coerce_mapping(hint, value, where)
     try:
         if origin is tuple:
             args = [a for a in typing.get_args(hint) if a is not Ellipsis]
@@ -101,6 +109,28 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}") from None
     raise ConfigError(f"{where}: unsupported type {hint}")
+
+
+def _coerce_mapping(hint: Any, value: Any, where: str) -> dict[str, Any]:
+    """`dict[str, T]`: a mapping, or its YAML flow text (`{a: 1, b: 2}`) from a flag or a variable."""
+    key_type, value_type = typing.get_args(hint)
+    if key_type is not str:
+        raise ConfigError(f"{where}: unsupported type {hint}")
+    value = _parse_mapping(value, where)
+    return {str(k): _coerce(value_type, v, f"{where}.{k}") for k, v in value.items()}
+
+
+def _parse_mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where}: not a YAML mapping: {exc}") from None
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping like {{key: value}}, got {value!r}")
+    return value
 
 
 def merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
@@ -182,7 +212,12 @@ def leaves(cls: type, prefix: tuple[str, ...] = ()) -> Iterator[Leaf]:
         )
 
 
-def _nest(path: tuple[str, ...], value: Any, into: dict[str, Any]) -> None:
+def _nest(leaf: Leaf, value: Any, into: dict[str, Any], where: str) -> None:
+    """Place a flag's or variable's text at the leaf's path; a mapping's text is parsed here, so
+    that it merges key by key over the same mapping from YAML instead of replacing it."""
+    if typing.get_origin(leaf.hint) is dict:
+        value = _parse_mapping(value, where)
+    path = leaf.path
     node = into
     for part in path[:-1]:
         node = node.setdefault(part, {})
@@ -192,6 +227,8 @@ def _nest(path: tuple[str, ...], value: Any, into: dict[str, Any]) -> None:
 def _shown(value: Any) -> str:
     if isinstance(value, tuple):
         return ",".join(map(str, value)) if value else "none"
+    if isinstance(value, dict):
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip() if value else "none"
     if value == "":
         return "none"
     return str(value)
@@ -217,12 +254,14 @@ def add_flags(
         if leaf.secret:
             continue
         text = f"{(helps or {}).get(leaf.name, leaf.help)} (default: {_shown(leaf.default)})".lstrip()
+        text = text.replace("%", "%%")  # argparse formats help with %
         if leaf.hint is bool:
             group.add_argument(
                 leaf.option, dest=leaf.name, action=argparse.BooleanOptionalAction, default=None, help=text
             )
         else:
-            metavar = "LIST" if typing.get_origin(leaf.hint) is tuple else _metavar(leaf.path[-1])
+            origin = typing.get_origin(leaf.hint)
+            metavar = "LIST" if origin is tuple else "MAPPING" if origin is dict else _metavar(leaf.path[-1])
             group.add_argument(leaf.option, dest=leaf.name, default=None, metavar=metavar, help=text)
 
 
@@ -232,7 +271,7 @@ def flag_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     for leaf in leaves(cls):
         value = getattr(args, leaf.name, None)
         if value is not None:
-            _nest(leaf.path, value, out)
+            _nest(leaf, value, out, leaf.option)
     return out
 
 
@@ -256,5 +295,5 @@ def env_values(
             hint = f"; did you mean {close[0]}?" if close else ""
             log.warning("ignoring %s: not a setting of %s%s", key, cls.__name__, hint)
             continue
-        _nest(leaf.path, value, out)
+        _nest(leaf, value, out, key)
     return out
