@@ -27,6 +27,12 @@ MAX_IMAGE_PIXELS = 50_000_000
 # Per request: four such photos, or sixteen 12-megapixel phone photos; about a second of decoding.
 MAX_REQUEST_PIXELS = 200_000_000
 CONTROL_MODES = ("none", "poll", "explicit")
+# pad_batches values (YAML reads on/off/yes/no as booleans, so their spellings as text count too).
+PAD_CHOICES: dict[str, bool | None] = {
+    "auto": None,
+    **dict.fromkeys(("on", "true", "yes", "1"), True),
+    **dict.fromkeys(("off", "false", "no", "0"), False),
+}
 
 __all__ = ["BatchingConfig", "ConfigError", "ModelConfig", "ServerConfig", "VersionPolicy"]
 
@@ -63,6 +69,19 @@ class BatchingConfig:
     default_timeout_us: int = setting(
         0, "queue timeout for requests that set none; 0: only the client's deadline applies"
     )
+    batch_buckets: tuple[int, ...] = setting(
+        (),
+        "the batch sizes each instance runs once at load (warm-up) and, with pad_batches, the only "
+        "sizes it ever runs; the largest must be max_batch_size; empty: powers of two up to "
+        "max_batch_size, and max_batch_size",
+    )
+    pad_batches: str = setting(
+        "auto",
+        "pad each batch with zero rows up to the next bucket and drop their outputs, so the runtime "
+        "only meets the shapes warmed up at load (on a GPU every new shape costs an algorithm search "
+        "of seconds): auto (on for gpu and ascend, off for cpu, where every padded row costs its "
+        "full compute), on or off",
+    )
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -80,6 +99,26 @@ class BatchingConfig:
             )
         if self.default_timeout_us < 0:
             raise ConfigError(f"batching.default_timeout_us must be >= 0, got {self.default_timeout_us}")
+        if self.batch_buckets and (
+            list(self.batch_buckets) != sorted(set(self.batch_buckets))
+            or self.batch_buckets[0] < 1
+            or self.batch_buckets[-1] != self.max_batch_size
+        ):
+            raise ConfigError(
+                f"batching.batch_buckets {list(self.batch_buckets)}: increasing sizes >= 1 ending at "
+                f"max_batch_size {self.max_batch_size}"
+            )
+        if self.pad_batches.lower() not in PAD_CHOICES:
+            raise ConfigError(f"batching.pad_batches must be auto, on or off; got {self.pad_batches!r}")
+
+    def buckets(self) -> tuple[int, ...]:
+        """The configured buckets, else 1, 2, 4, ... up to max_batch_size (included)."""
+        if self.batch_buckets:
+            return self.batch_buckets
+        powers = tuple(
+            1 << i for i in range(self.max_batch_size.bit_length()) if 1 << i < self.max_batch_size
+        )
+        return (*powers, self.max_batch_size)
 
 
 @dataclass(frozen=True)
@@ -128,7 +167,26 @@ class ModelConfig:
         "onnxruntime execution providers in order of preference; empty: TensorRT -> CUDA -> CPU on "
         "gpu (those installed), CPU on cpu",
     )
+    provider_options: dict[str, dict[str, str]] = setting(
+        {},
+        "onnxruntime provider options by provider, over our defaults (CUDA: cudnn_conv_algo_search "
+        "HEURISTIC, prefer_nhwc 1; TensorRT: engine and timing caches under ~/.cache/hrnet/tensorrt, "
+        "shape profiles from the batch buckets), e.g. {CUDAExecutionProvider: {gpu_mem_limit: 8589934592}}",
+    )
     instances: int = setting(1, "copies of the model executing batches concurrently")
+    device_ids: tuple[int, ...] = setting(
+        (0,), "accelerators the instances are spread over, round robin (instance i on device_ids[i % n])"
+    )
+    execution_timeout_s: float = setting(
+        120.0,
+        "longest one batch may compute; past it the batch's requests fail with UNAVAILABLE and the "
+        "instance is replaced (a new thread and session) while the others serve; 0: no limit",
+    )
+    warmup: bool = setting(
+        True,
+        "before the model reports ready, run every batch bucket once on each instance, so no request "
+        "pays for first-run allocation or a GPU algorithm search",
+    )
     threads_per_instance: int = setting(
         0,
         "intra-op threads per instance; 0: the cores shared among every instance of every model "
@@ -155,6 +213,25 @@ class ModelConfig:
             raise ConfigError(f"instances must be >= 1, got {self.instances}")
         if self.threads_per_instance < 0:
             raise ConfigError(f"threads_per_instance must be >= 0, got {self.threads_per_instance}")
+        if not self.device_ids or min(self.device_ids) < 0:
+            raise ConfigError(f"device_ids must list one or more ids >= 0, got {list(self.device_ids)}")
+        if self.execution_timeout_s < 0:
+            raise ConfigError(f"execution_timeout_s must be >= 0, got {self.execution_timeout_s}")
+        for provider, options in self.provider_options.items():
+            if "device_id" in options:
+                raise ConfigError(
+                    f"provider_options.{provider}.device_id: set device_ids instead (one per instance)"
+                )
+
+    def device_id(self, instance: int) -> int:
+        return self.device_ids[instance % len(self.device_ids)]
+
+    def padded_buckets(self) -> tuple[int, ...]:
+        """The sizes batches are padded up to, or () when batches run at their own size."""
+        pad = PAD_CHOICES[self.batching.pad_batches.lower()]
+        if pad is None:
+            pad = self.device != "cpu"
+        return self.batching.buckets() if pad else ()
 
     def intra_op_threads(self, cores: int | None = None, instances_served: int = 0) -> int:
         """Threads for one instance when `instances_served` instances (of every model and version,
