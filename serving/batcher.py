@@ -1,11 +1,18 @@
 """Dynamic batching: many small requests in, few large backend calls out.
 
-Knows nothing of gRPC or of any backend beyond `Runner.infer`. One scheduler task takes a free
+Knows nothing of gRPC or of any backend beyond `Runner`. One scheduler task takes a free
 model instance, then forms a batch: it waits for the first request, then until the batch is
 full, the largest preferred size is reached, or the oldest request has waited
 `max_queue_delay_us`, and with `adaptive_delay` not at all when, at the recent arrival rate,
 no other request is due before that. Taking the instance first means that while every instance
 is busy, requests pile up and the next batch is larger at no extra delay.
+
+The requests' arrays go to the instance as they are (no concatenation here): the instance
+copies them once into its own batch buffer, padded up to the next of `buckets` when given, so
+the runtime only ever meets the batch sizes it warmed up. Each instance computes on its own
+thread (`serving.backends.instance`); a batch that takes longer than `execution_timeout_s`
+fails with `ExecutionTimeout` and its instance is replaced by a fresh one while the others
+keep serving.
 
 Guarantees: every future is resolved (result, error or cancellation); a cancelled or expired
 request is dropped before compute; the queue is bounded in images and fails fast with
@@ -22,23 +29,42 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from serving.config import BatchingConfig
-from serving.errors import DeadlineExceeded, InferenceFailed, InvalidArgument, QueueFull, Unavailable
+from serving.errors import (
+    DeadlineExceeded,
+    ExecutionTimeout,
+    InferenceFailed,
+    InvalidArgument,
+    QueueFull,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 GAP_SMOOTHING = 0.2  # weight of the newest inter-arrival gap in the running mean
+REPLACEMENT_RETRY_S = 5.0  # pause before trying again when a replacement instance fails to load
 
 
 class Runner(Protocol):
-    """One model instance: a blocking call from a batch (N, ...) to outputs (N, ...)."""
+    """One model instance (`serving.backends.instance.ModelInstance`), already loaded."""
 
-    def infer(self, batch: np.ndarray) -> np.ndarray: ...
+    def run(self, parts: Sequence[np.ndarray], rows: int) -> Future[np.ndarray]:
+        """Compute the rows of `parts` (N in all) padded to `rows`; resolves to (N, ...) outputs."""
+        ...
+
+    def replacement(self) -> Runner:
+        """A fresh instance of the same model, loading on a new thread; `ready` resolves when loaded."""
+        ...
+
+    @property
+    def ready(self) -> Future: ...
+
+    def close(self) -> Future[None]: ...
 
 
 @dataclass(frozen=True)
@@ -46,6 +72,7 @@ class BatchRecord:
     """What one executed batch looked like, for statistics and metrics."""
 
     size: int  # images
+    padding: int  # zero rows added to reach a bucket
     requests: int
     queue_s: tuple[float, ...]  # per request: enqueue -> batch start
     compute_s: float
@@ -70,6 +97,8 @@ class BatchListener(Protocol):
     def batch_done(self, record: BatchRecord) -> None: ...
 
     def dropped(self, images: int, reason: str) -> None: ...
+
+    def instance_replaced(self) -> None: ...
 
 
 class _State(enum.Enum):
@@ -100,7 +129,11 @@ class _Entry:
 
 
 class Batcher:
-    """Batches `submit` calls onto `runners`, at most one batch per runner at a time."""
+    """Batches `submit` calls onto `runners`, at most one batch per runner at a time.
+
+    `buckets`: the sizes batches are padded up to (empty: each batch runs at its own size).
+    `execution_timeout_s`: how long one batch may compute before its instance is replaced (0: no limit).
+    """
 
     def __init__(
         self,
@@ -108,18 +141,24 @@ class Batcher:
         config: BatchingConfig,
         listener: BatchListener | None = None,
         clock: Callable[[], float] = time.monotonic,
+        buckets: Sequence[int] = (),
+        execution_timeout_s: float = 0.0,
     ) -> None:
         if not runners:
             raise ValueError("a batcher needs at least one runner")
+        if buckets and max(buckets) < config.max_batch_size:
+            raise ValueError(f"buckets {list(buckets)} do not reach max_batch_size {config.max_batch_size}")
         self.config = config
         self._runners = list(runners)
+        self._buckets = tuple(sorted(buckets))
+        self._timeout_s = execution_timeout_s
         self._listener = listener
         self._clock = clock
+        self._replacing: set[asyncio.Task[None]] = set()
         self._heap: list[_Entry] = []
         self._seq = itertools.count()
         self._queued_images = 0
         self._running: set[asyncio.Task[None]] = set()
-        self._executor = ThreadPoolExecutor(max_workers=len(runners), thread_name_prefix="infer")
         self._closing = False
         self._last_arrival: float | None = None
         self._mean_gap: float | None = None  # smoothed seconds between requests
@@ -132,6 +171,11 @@ class Batcher:
     @property
     def queued_images(self) -> int:
         return self._queued_images
+
+    @property
+    def runners(self) -> list[Runner]:
+        """The instances serving now (a replaced one leaves this list, its replacement joins it)."""
+        return list(self._runners)
 
     async def start(self) -> None:
         self._arrival = asyncio.Event()
@@ -330,32 +374,46 @@ class Batcher:
             size += head.size
         return batch
 
+    def _rows(self, size: int) -> int:
+        """The bucket a batch of `size` images is padded up to (itself without buckets)."""
+        return next((b for b in self._buckets if b >= size), size)
+
     async def _execute(self, runner: Runner, tasks: list[_Task]) -> None:
         assert self._free is not None
+        keep = True  # whether `runner` goes back to serving afterwards
         try:
             tasks = [t for t in tasks if not t.future.done()]  # cancelled after being taken
             if not tasks:
                 return
             start = self._clock()
-            batch = tasks[0].items if len(tasks) == 1 else np.concatenate([t.items for t in tasks])
-            loop = asyncio.get_running_loop()
+            size = sum(t.size for t in tasks)
+            rows = self._rows(size)
             ok = False
             compute_started = self._clock()
             try:
-                outputs = await loop.run_in_executor(self._executor, runner.infer, batch)
-                if outputs.shape[0] != batch.shape[0]:
+                outputs = await asyncio.wait_for(
+                    asyncio.wrap_future(runner.run([t.items for t in tasks], rows)), self._timeout_s or None
+                )
+                if outputs.shape[0] != size:
                     raise InferenceFailed(
-                        f"the model returned {outputs.shape[0]} outputs for a batch of {batch.shape[0]}"
+                        f"the model returned {outputs.shape[0]} outputs for a batch of {size}"
                     )
                 ok = True
+            except TimeoutError:
+                log.error(
+                    "batch of %d ran past execution_timeout_s %g s: replacing its instance",
+                    size,
+                    self._timeout_s,
+                )
+                keep = False
+                self._fail(tasks, ExecutionTimeout(self._timeout_s))
+                self._replace(runner)
             except Exception as exc:
-                log.exception("batch of %d failed", batch.shape[0])
-                error = exc
-                if not isinstance(exc, InferenceFailed):
-                    error = InferenceFailed(f"inference failed: {exc}")
-                for task in tasks:
-                    if not task.future.done():
-                        task.future.set_exception(error)
+                log.exception("batch of %d failed", size)
+                self._fail(
+                    tasks,
+                    exc if isinstance(exc, InferenceFailed) else InferenceFailed(f"inference failed: {exc}"),
+                )
             compute_ended = self._clock()
             compute_s = compute_ended - start
             if ok:
@@ -374,14 +432,15 @@ class Batcher:
                                 compute_started,
                                 compute_ended,
                                 finished,
-                                int(batch.shape[0]),
+                                size,
                                 len(tasks),
                             )
                         )
             if self._listener:
                 self._listener.batch_done(
                     BatchRecord(
-                        size=int(batch.shape[0]),
+                        size=size,
+                        padding=rows - size,
                         requests=len(tasks),
                         queue_s=tuple(start - t.enqueued for t in tasks),
                         compute_s=compute_s,
@@ -389,10 +448,45 @@ class Batcher:
                     )
                 )
         finally:
-            for task in tasks:  # cancelled mid-batch at shutdown: still answer every caller
-                if not task.future.done():
-                    task.future.set_exception(Unavailable("the server shut down while this request ran"))
-            self._free.put_nowait(runner)
+            # cancelled mid-batch at shutdown: still answer every caller
+            self._fail(tasks, Unavailable("the server shut down while this request ran"))
+            if keep:
+                self._free.put_nowait(runner)
+
+    @staticmethod
+    def _fail(tasks: list[_Task], error: Exception) -> None:
+        for task in tasks:
+            if not task.future.done():
+                task.future.set_exception(error)
+
+    def _replace(self, runner: Runner) -> None:
+        """Retire a hung instance (it closes when its call returns, if ever) and bring up a fresh
+        one in the background; the other instances keep taking batches meanwhile."""
+        runner.close()
+        self._runners.remove(runner)
+        if self._listener:
+            self._listener.instance_replaced()
+        task = asyncio.create_task(self._bring_up(runner), name="replace-instance")
+        self._replacing.add(task)
+        task.add_done_callback(self._replacing.discard)
+
+    async def _bring_up(self, retired: Runner) -> None:
+        """Load replacements of `retired` until one is ready (each failure logged), then serve it."""
+        assert self._free is not None
+        while True:
+            fresh = retired.replacement()
+            try:
+                await asyncio.wrap_future(fresh.ready)
+                break
+            except asyncio.CancelledError:
+                fresh.close()  # shutting down: it closes once loaded
+                raise
+            except Exception:
+                log.exception("a replacement instance failed to load; retrying in %g s", REPLACEMENT_RETRY_S)
+                await asyncio.sleep(REPLACEMENT_RETRY_S)
+        self._runners.append(fresh)
+        self._free.put_nowait(fresh)
+        log.info("replacement instance ready")
 
     async def close(self, grace_s: float = 0.0) -> bool:
         """Stop accepting work, let queued and running work finish within `grace_s`, then stop.
@@ -414,5 +508,6 @@ class Batcher:
             self._heap.clear()
             for job in list(self._running):
                 job.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for task in list(self._replacing):
+            task.cancel()
         return drained

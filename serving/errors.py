@@ -117,6 +117,19 @@ class Relayed(ServingError):
         self.code = code
 
 
+class ExecutionTimeout(Unavailable):
+    """A batch computed past `execution_timeout_s`: its instance is presumed hung and is replaced.
+
+    UNAVAILABLE because the condition is transient: a retry lands on another or the new instance.
+    """
+
+    def __init__(self, limit_s: float):
+        super().__init__(
+            f"the model instance computing this request did not finish within execution_timeout_s "
+            f"{limit_s:g} s; it is being replaced by a fresh one, retry"
+        )
+
+
 class InferenceFailed(ServingError):
     """The backend raised while computing a batch."""
 

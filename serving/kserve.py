@@ -9,6 +9,7 @@ run where the models are.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ from protos import grpc_service_pb2_grpc
 from protos import model_config_pb2 as mc
 from serving import codec
 from serving.codec import InferOptions
+from serving.config import ModelConfig
 from serving.control import ModelControl
 from serving.errors import InvalidArgument, ModelNotFound
 from serving.preprocess import ACCEPTED_FORMATS
@@ -315,10 +317,11 @@ def trace_setting(plane: DataPlane, model_name: str, changes: dict[str, list[str
 
 
 def model_config(model: LoadedModel) -> mc.ModelConfig:
+    """Triton's ModelConfig; what has no field of its own goes into `parameters`, among them the
+    runtime's effective providers and options as it reported them at load."""
     cfg = model.source.config
     batching = cfg.batching
     meta = model.metadata
-    kind = mc.ModelInstanceGroup.KIND_CPU if cfg.device == "cpu" else mc.ModelInstanceGroup.KIND_GPU
     params = {
         "input_size": meta.input_size,
         "resize_size": meta.resize_size,
@@ -331,6 +334,11 @@ def model_config(model: LoadedModel) -> mc.ModelConfig:
         "adaptive_delay": batching.adaptive_delay,
         **{f"input_{key}": value for key, value in INPUT_PARAMETERS.items()},
         **{f"output_{key}": value for key, value in OUTPUT_PARAMETERS.items()},
+        "batch_buckets": ",".join(map(str, batching.buckets())),
+        "pad_batches": bool(cfg.padded_buckets()),
+        "execution_timeout_s": f"{cfg.execution_timeout_s:g}",
+        "warmup_seconds": f"{model.warmup_s:.3f}",
+        **model.runtime,
     }
     return mc.ModelConfig(
         name=model.name,
@@ -348,7 +356,7 @@ def model_config(model: LoadedModel) -> mc.ModelConfig:
         output=[
             mc.ModelOutput(name=model.backend.output.name, data_type=mc.TYPE_FP32, dims=[model.num_classes])
         ],
-        instance_group=[mc.ModelInstanceGroup(name=model.name, kind=kind, count=cfg.instances)],
+        instance_group=instance_groups(model.name, cfg),
         default_model_filename=model.source.path.name,
         dynamic_batching=mc.ModelDynamicBatching(
             preferred_batch_size=list(batching.preferred_batch_sizes),
@@ -362,6 +370,19 @@ def model_config(model: LoadedModel) -> mc.ModelConfig:
         ),
         parameters={k: mc.ModelParameter(string_value=str(v)) for k, v in params.items()},
     )
+
+
+def instance_groups(name: str, cfg: ModelConfig) -> list[mc.ModelInstanceGroup]:
+    """One group on cpu; on an accelerator one per device, as Triton counts them (per GPU)."""
+    if cfg.device == "cpu":
+        return [mc.ModelInstanceGroup(name=name, kind=mc.ModelInstanceGroup.KIND_CPU, count=cfg.instances)]
+    per_device = Counter(cfg.device_id(i) for i in range(cfg.instances))
+    return [
+        mc.ModelInstanceGroup(
+            name=f"{name}_{device}", kind=mc.ModelInstanceGroup.KIND_GPU, count=n, gpus=[device]
+        )
+        for device, n in sorted(per_device.items())
+    ]
 
 
 def _duration(d: Duration) -> pb.StatisticDuration:

@@ -3,7 +3,8 @@ metrics port that serves them with the probes.
 
 Names follow what Triton users watch: request counts by status, queue and compute durations,
 the batch-size distribution (proof that dynamic batching batches), queue depth and in-flight
-requests, all per model and version, and an info gauge naming each model's backend and precision.
+requests, all per model and version, an info gauge naming each model's backend and precision,
+and what the execution engine adds: padding rows, warm-up time and replaced instances.
 
 The metrics port is a small aiohttp application on the server's event loop rather than
 prometheus_client's own HTTP server: that one answers every path with the metrics text and runs
@@ -85,6 +86,24 @@ class ServerMetrics:
         )
         self.frontend_restarts = Counter(
             "hrnet_frontend_restarts", "Front-end processes that died and were replaced", registry=r
+        )
+        self.padding = Counter(
+            "hrnet_padding_images",
+            "Zero rows computed to pad batches up to a bucket (work spent on no request)",
+            LABELS,
+            registry=r,
+        )
+        self.warmup_seconds = Gauge(
+            "hrnet_model_warmup_seconds",
+            "Time the slowest instance took at load to run every batch bucket once",
+            LABELS,
+            registry=r,
+        )
+        self.instance_replacements = Counter(
+            "hrnet_instance_replacements",
+            "Model instances replaced after a batch ran past execution_timeout_s",
+            LABELS,
+            registry=r,
         )
 
     def watch_queue(self, model: str, version: str, depth: Callable[[], float]) -> None:

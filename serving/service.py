@@ -25,7 +25,9 @@ import numpy as np
 
 from core.metadata import ModelMetadata
 from serving.backends import Backend, TensorSpec, open_backend
+from serving.backends.instance import ModelInstance
 from serving.batcher import Batcher
+from serving.config import ModelConfig
 from serving.errors import InvalidArgument, ModelNotFound, QueueFull, ServingError, Unavailable
 from serving.metrics import ServerMetrics
 from serving.preprocess import ImageError, ImagePreprocessor, PreprocessSpec, normalize
@@ -167,14 +169,20 @@ async def convert_input(
 
 @dataclass
 class LoadedModel:
-    """One version of one model: its instances, batcher, preprocessing and statistics."""
+    """One version of one model: its instances (in the batcher), preprocessing and statistics.
+
+    `backend` is the first instance's, for what every instance shares (name, platform, tensor
+    specs); only its own thread calls into it. `runtime` is what the runtime reported at load.
+    """
 
     source: ModelSource
-    backends: list[Backend]
+    backend: Backend
     metadata: ModelMetadata
     batcher: Batcher
     preprocessor: ImagePreprocessor
     stats: ModelStats
+    runtime: dict[str, str] = field(default_factory=dict)
+    warmup_s: float = 0.0
     ready: bool = field(default=False)
     # Images admitted and being decoded or converted, not queued yet: they count against the queue.
     preparing: int = field(default=0)
@@ -187,10 +195,6 @@ class LoadedModel:
     @property
     def version(self) -> str:
         return self.source.version
-
-    @property
-    def backend(self) -> Backend:
-        return self.backends[0]
 
     @property
     def input(self) -> TensorSpec:
@@ -242,41 +246,88 @@ def load_model(
     max_image_pixels: int,
     max_request_pixels: int,
 ) -> LoadedModel:
-    """Open `instances` copies of the model and wire them to a batcher (not started yet)."""
+    """Start `instances` copies of the model, each loading and warming up on its own thread, and
+    wire them to a batcher (not started yet). Returns once every instance is warm."""
     started = time.monotonic()
     config = source.config
-    backends: list[Backend] = []
+    warmups: dict[int, float] = {}  # instance -> seconds its warm-up took
+    instances = [
+        ModelInstance(_setup(source, i, warmups), f"{source.name}/{source.version}/instance-{i}")
+        for i in range(config.instances)
+    ]
     try:
-        for _ in range(config.instances):
-            backends.append(open_backend(source.path, config))
-        metadata = resolve_metadata(backends[0], config)
+        backends = [instance.ready.result() for instance in instances]  # all loaded and warm
+        runtime = instances[0].submit(lambda backend: backend.runtime_options()).result()
     except BaseException:
-        for backend in backends:
-            backend.close()
+        for instance in instances:
+            instance.close()
         raise
+    first = backends[0]
+    metadata = resolve_metadata(first, config)
+    warmup_s = max(warmups.values())  # the instances warm up side by side
     stats = ModelStats(source.name, source.version, metrics)
-    batcher = Batcher(backends, config.batching, listener=stats)
+    batcher = Batcher(
+        instances,
+        config.batching,
+        listener=stats,
+        buckets=config.padded_buckets(),
+        execution_timeout_s=config.execution_timeout_s,
+    )
     spec = PreprocessSpec.from_metadata(metadata, exif_transpose=config.exif_transpose)
     preprocessor = ImagePreprocessor(spec, preprocess_workers, max_image_pixels, max_request_pixels)
-    model = LoadedModel(source, backends, metadata, batcher, preprocessor, stats)
+    model = LoadedModel(source, first, metadata, batcher, preprocessor, stats, runtime, warmup_s)
     if metrics:
         metrics.watch_queue(source.name, source.version, lambda: batcher.queued_images)
-        metrics.model_info.labels(source.name, source.version, backends[0].name, model.precision).set(1)
+        metrics.model_info.labels(source.name, source.version, first.name, model.precision).set(1)
+        metrics.warmup_seconds.labels(source.name, source.version).set(warmup_s)
     log.info(
         "loaded model",
         extra={
             "model": source.name,
             "version": source.version,
-            "backend": backends[0].describe(),
+            "backend": first.describe(),
             "instances": config.instances,
+            "device_ids": [config.device_id(i) for i in range(config.instances)],
             "threads_per_instance": config.intra_op_threads(),
             "input_size": metadata.input_size,
             "classes": metadata.num_classes,
             "precision": model.precision,
+            "batch_buckets": list(config.batching.buckets()),
+            "padded": bool(config.padded_buckets()),
+            "warmup_seconds": round(warmup_s, 2),
             "seconds": round(time.monotonic() - started, 2),
         },
     )
     return model
+
+
+def _setup(source: ModelSource, index: int, warmups: dict[int, float]) -> Callable[[], Backend]:
+    """What instance `index` (and any replacement of it) runs first on its own thread: open the
+    model on its device, then run every batch bucket once (the first run of a shape allocates, and
+    on a GPU searches for its convolution algorithms) so that no request pays for it."""
+    config = source.config
+
+    def setup() -> Backend:
+        backend = open_backend(source.path, config, config.device_id(index), config.batching.buckets())
+        try:
+            started = time.monotonic()
+            if config.warmup:
+                _warm_up(backend, config)
+            warmups[index] = time.monotonic() - started
+        except BaseException:
+            backend.close()
+            raise
+        log.debug("instance warm", extra={"model": source.name, "instance": index, "seconds": warmups[index]})
+        return backend
+
+    return setup
+
+
+def _warm_up(backend: Backend, config: ModelConfig) -> None:
+    size = resolve_metadata(backend, config).input_size
+    sample = np.zeros((1, 3, size, size), np.float32)
+    for rows in config.batching.buckets():
+        backend.run([sample], rows)
 
 
 M = TypeVar("M")
@@ -436,8 +487,8 @@ class DataPlane:
     @staticmethod
     def _close_model(model: LoadedModel) -> None:
         model.preprocessor.close()
-        for backend in model.backends:
-            backend.close()
+        for instance in model.batcher.runners:
+            instance.close()  # on its own thread, after the batch it may still be computing
 
     def deadline(self, model: LoadedModel, timeout_s: float | None) -> float | None:
         """Absolute `clock()` deadline from a relative timeout, else the model's default timeout."""

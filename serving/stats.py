@@ -72,11 +72,17 @@ class ModelStats:
                 self.metrics.compute_seconds.labels(*labels).observe(record.compute_s)
                 self.metrics.batch_size.labels(*labels).observe(record.size)
                 self.metrics.images.labels(*labels).inc(record.size)
+                if record.padding:
+                    self.metrics.padding.labels(*labels).inc(record.padding)
 
     def dropped(self, images: int, reason: str) -> None:
         # KServe's statistics have no field for them: Prometheus is where drops are counted.
         if self.metrics:
             self.metrics.dropped.labels(self.name, self.version, reason).inc(images)
+
+    def instance_replaced(self) -> None:
+        if self.metrics:
+            self.metrics.instance_replacements.labels(self.name, self.version).inc()
 
     def request_done(self, code: str, seconds: float) -> None:
         with self._lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 
 from serving.backends.base import Backend, TensorSpec
@@ -71,11 +72,12 @@ def choose(path: Path, config: ModelConfig) -> type[Backend]:
     raise ModelLoadError(f"{path}: no backend installed for {path.suffix}: {reasons}")
 
 
-def open_backend(path: Path, config: ModelConfig) -> Backend:
-    """A loaded instance of the right backend for `path`; ModelLoadError with the reason otherwise."""
+def open_backend(path: Path, config: ModelConfig, device_id: int = 0, buckets: Sequence[int] = ()) -> Backend:
+    """A loaded instance of the right backend for `path` on accelerator `device_id`, told the batch
+    buckets it will be warmed up with; ModelLoadError with the reason otherwise."""
     if not path.is_file():
         raise ModelLoadError(f"model file {path} does not exist")
-    backend = choose(path, config)(path, config)
+    backend = choose(path, config)(path, config, device_id, buckets)
     try:
         backend.load()
     except ModelLoadError:

@@ -1,14 +1,22 @@
-"""The one small interface every backend implements.
+"""The one small interface every backend implements, and the one rule for the thread that calls it.
 
-A backend is one instance of one model file: `load()` once, then `infer(batch)` from a worker
-thread (the batcher calls it off the event loop; it may block), then `close()`. It knows nothing
-of batching, queues or gRPC. Heavy libraries are imported inside `load()`, so importing a backend
-module costs nothing.
+A backend is one instance of one model file: `load()` once, then `run(parts, rows)` (or the plain
+`infer(batch)`) per batch, then `close()`. It knows nothing of batching, queues or gRPC. Heavy
+libraries are imported inside `load()`, so importing a backend module costs nothing.
+
+**Each instance owns one thread for its whole life.** `load()`, the warm-up, every `run`/`infer`
+and `close()` of one instance are called from that instance's own thread
+(`serving.backends.instance.ModelInstance`) and from no other, ever. Runtimes keep per-thread
+state: onnxruntime's CUDA provider caches its cuDNN algorithm choice per (thread, shape), so a
+shape that reached an instance from a new thread was searched again (seconds per shape on an
+H100, the server's first bottleneck there). A backend may rely on the rule: it needs no lock of
+its own, and may keep thread-bound resources (CUDA streams, bindings, buffers).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -29,19 +37,24 @@ class TensorSpec:
 
 
 class Backend(ABC):
-    """One backend module declares these three and `serving/backends/__init__.py` lists it once."""
+    """One backend module declares these four and `serving/backends/__init__.py` lists it once."""
 
     name: ClassVar[str]  # as in config.yaml `backend:`
     suffixes: ClassVar[tuple[str, ...]]  # model file types it runs (`model<suffix>` in a repository)
     platform: ClassVar[str]  # as KServe ModelMetadata reports it
     library: ClassVar[str]  # the module `load()` imports; absent -> the backend is unavailable
 
-    def __init__(self, path: Path, config: ModelConfig) -> None:
+    def __init__(
+        self, path: Path, config: ModelConfig, device_id: int = 0, buckets: Sequence[int] = ()
+    ) -> None:
         self.path = Path(path)
         self.config = config
+        self.device_id = device_id  # the accelerator this instance runs on (ignored on cpu)
+        self.buckets = tuple(buckets)  # the batch sizes it warms up with: their range for TensorRT's profile
         self.input: TensorSpec | None = None
         self.output: TensorSpec | None = None
         self.metadata: ModelMetadata | None = None  # the model card the file carries, if any
+        self._batch: np.ndarray | None = None  # the reusable input buffer of `run`
 
     @abstractmethod
     def load(self) -> None:
@@ -49,10 +62,58 @@ class Backend(ABC):
 
     @abstractmethod
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """(N, C, H, W) in the input dtype -> (N, classes) logits. Blocking; thread-safe per instance."""
+        """(N, C, H, W) -> (N, classes) logits, a new array. Blocking."""
 
-    def close(self) -> None:  # noqa: B027 - most backends free everything with their objects
+    def run(self, parts: Sequence[np.ndarray], rows: int) -> np.ndarray:
+        """One batch as the batcher forms it: the requests' rows `parts`, padded to `rows`.
+
+        The parts are copied once, converted to the input dtype on the way, into a buffer reused
+        from batch to batch (no concatenation of the batch first); zero rows fill it up to
+        `rows`. The logits of the real rows come back as a new FP32 array (one copy out of the
+        runtime's output), those of the padding rows are dropped.
+        """
+        real = sum(len(p) for p in parts)
+        if not parts or real > rows:
+            raise ValueError(f"a batch of {real} rows cannot run as {rows}")
+        batch = self._buffer(rows, parts[0].shape[1:])
+        offset = 0
+        for part in parts:
+            batch[offset : offset + len(part)] = part
+            offset += len(part)
+        batch[real:] = 0
+        return np.array(self.compute(batch)[:real], dtype=np.float32)
+
+    def compute(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for `batch`, a view of the buffer from `allocate`. May return a view of an output
+        buffer that the next call overwrites (`run` copies what it keeps)."""
+        return self.infer(batch)
+
+    def allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """Host memory for the input buffer: plain here; page-locked where a GPU copies from it."""
+        return np.empty(shape, dtype)
+
+    def release(self, buffer: np.ndarray) -> None:  # noqa: B027 - plain memory needs nothing
+        """Give back what `allocate` took beyond the array itself."""
+
+    def _buffer(self, rows: int, item_shape: tuple[int, ...]) -> np.ndarray:
+        """`rows` rows of the input buffer, grown (never shrunk) as larger batches come."""
+        assert self.input is not None
+        if self._batch is None or self._batch.shape[1:] != item_shape or len(self._batch) < rows:
+            capacity = max(rows, self.config.batching.max_batch_size)
+            if self._batch is not None:
+                self.release(self._batch)
+            self._batch = self.allocate((capacity, *item_shape), self.input.dtype)
+        return self._batch[:rows]
+
+    def runtime_options(self) -> dict[str, str]:
+        """What the runtime really runs with (providers, their options), for ModelConfig."""
+        return {}
+
+    def close(self) -> None:
         """Release what `load()` acquired."""
+        if self._batch is not None:
+            self.release(self._batch)
+            self._batch = None
 
     def describe(self) -> str:
         return f"{self.name} {self.path.name}"

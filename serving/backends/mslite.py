@@ -6,8 +6,6 @@ it is missing, `backend: auto` falls back to the `mindspore` backend.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from core.metadata import read_sidecar
@@ -35,7 +33,6 @@ class MindSporeLiteBackend(Backend):
         except Exception as exc:
             raise ModelLoadError(f"MindSpore Lite cannot load {self.path}: {exc}") from exc
         self._inputs = self._model.get_inputs()
-        self._lock = threading.Lock()  # resize + predict must not interleave on one model
         self.metadata = read_sidecar(self.path)
         shape = tuple(d if d > 0 else -1 for d in self._inputs[0].shape)
         self.input = TensorSpec(self._inputs[0].name, (-1, *shape[1:]), np.dtype(np.float32))
@@ -43,9 +40,9 @@ class MindSporeLiteBackend(Backend):
         self.output = TensorSpec("logits", (-1, classes), np.dtype(np.float32))
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        # resize + predict need no lock: only this instance's own thread calls (base.py)
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        with self._lock:
-            if list(self._inputs[0].shape) != list(batch.shape):
-                self._model.resize(self._inputs, [list(batch.shape)])
-            self._inputs[0].set_data_from_numpy(batch)
-            return self._model.predict(self._inputs)[0].get_data_to_numpy()
+        if list(self._inputs[0].shape) != list(batch.shape):
+            self._model.resize(self._inputs, [list(batch.shape)])
+        self._inputs[0].set_data_from_numpy(batch)
+        return self._model.predict(self._inputs)[0].get_data_to_numpy()

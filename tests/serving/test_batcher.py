@@ -1,4 +1,5 @@
-"""The batcher on its own: no gRPC, a fake clock, runners that record what they computed."""
+"""The batcher on its own: no gRPC, a fake clock, model instances (real threads) whose backends
+are stand-ins that record what they computed."""
 
 from __future__ import annotations
 
@@ -9,9 +10,17 @@ import time
 import numpy as np
 import pytest
 
+from serving.backends.instance import ModelInstance
 from serving.batcher import Batcher, BatchRecord
 from serving.config import BatchingConfig
-from serving.errors import DeadlineExceeded, InferenceFailed, InvalidArgument, QueueFull, Unavailable
+from serving.errors import (
+    DeadlineExceeded,
+    ExecutionTimeout,
+    InferenceFailed,
+    InvalidArgument,
+    QueueFull,
+    Unavailable,
+)
 
 
 class FakeClock:
@@ -27,21 +36,36 @@ class Doubler:
 
     def __init__(self) -> None:
         self.batches: list[np.ndarray] = []
+        self.rows: list[int] = []
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, parts, rows: int) -> np.ndarray:
         self.entered.set()
         self.gate.wait(10)
+        batch = np.concatenate(parts)
         self.batches.append(batch.copy())
+        self.rows.append(rows)
         return batch * 2
+
+    def close(self) -> None:
+        pass
+
+
+def instances(*backends) -> list[ModelInstance]:
+    """Each stand-in on its own instance thread, loaded."""
+    out = [ModelInstance(lambda b=b: b, f"test-{i}") for i, b in enumerate(backends)]
+    for instance in out:
+        instance.ready.result(5)
+    return out
 
 
 class Recorder:
     def __init__(self) -> None:
         self.records: list[BatchRecord] = []
         self.drops: list[tuple[int, str]] = []
+        self.replaced = 0
 
     def batch_done(self, record: BatchRecord) -> None:
         self.records.append(record)
@@ -49,13 +73,23 @@ class Recorder:
     def dropped(self, images: int, reason: str) -> None:
         self.drops.append((images, reason))
 
+    def instance_replaced(self) -> None:
+        self.replaced += 1
+
 
 def items(*values: float) -> np.ndarray:
     return np.array(values, dtype=np.float32).reshape(-1, 1)
 
 
-async def _started(runners, recorder=None, clock=None, **cfg) -> Batcher:
-    batcher = Batcher(runners, BatchingConfig(**cfg), listener=recorder, clock=clock or FakeClock())
+async def _started(backends, recorder=None, clock=None, buckets=(), timeout_s=0.0, **cfg) -> Batcher:
+    batcher = Batcher(
+        instances(*backends),
+        BatchingConfig(**cfg),
+        listener=recorder,
+        clock=clock or FakeClock(),
+        buckets=buckets,
+        execution_timeout_s=timeout_s,
+    )
     await batcher.start()
     return batcher
 
@@ -166,7 +200,7 @@ async def test_a_cancelled_caller_returns_only_once_its_batch_is_done_with_the_i
 
 async def test_lone_request_waits_at_most_the_queue_delay() -> None:
     runner = Doubler()
-    b = Batcher([runner], BatchingConfig(max_batch_size=8, max_queue_delay_us=20_000))
+    b = Batcher(instances(runner), BatchingConfig(max_batch_size=8, max_queue_delay_us=20_000))
     await b.start()
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -200,8 +234,8 @@ async def test_adaptive_delay_skips_the_wait_when_no_company_is_due() -> None:
 
 
 async def test_backend_error_resolves_every_caller() -> None:
-    class Broken:
-        def infer(self, batch: np.ndarray) -> np.ndarray:
+    class Broken(Doubler):
+        def run(self, parts, rows: int) -> np.ndarray:
             raise RuntimeError("device lost")
 
     b = await _started([Broken()], max_batch_size=4, max_queue_delay_us=0)
@@ -211,9 +245,9 @@ async def test_backend_error_resolves_every_caller() -> None:
 
 
 async def test_wrong_output_count_is_an_error() -> None:
-    class Short:
-        def infer(self, batch: np.ndarray) -> np.ndarray:
-            return batch[:1]
+    class Short(Doubler):
+        def run(self, parts, rows: int) -> np.ndarray:
+            return parts[0][:1]
 
     b = await _started([Short()], max_batch_size=4, max_queue_delay_us=0)
     with pytest.raises(InferenceFailed, match="returned 1 outputs for a batch of 2"):
@@ -288,4 +322,68 @@ async def test_on_run_reports_each_chunks_timings_in_order() -> None:
     for t in seen:
         assert t.enqueued <= t.started <= t.compute_started <= t.compute_ended <= t.finished
         assert t.started - t.enqueued >= 0.04  # it waited behind the blocked batch
+    await b.close()
+
+
+async def test_batches_are_padded_to_the_next_bucket_and_padding_is_dropped() -> None:
+    runner, rec = Doubler(), Recorder()
+    runner.gate.clear()
+    b = await _started([runner], rec, buckets=(1, 2, 4, 8), max_batch_size=8, max_queue_delay_us=0)
+    first = asyncio.create_task(b.submit(items(0)))
+    await _wait_entered(runner)
+    rest = [asyncio.create_task(b.submit(items(i))) for i in range(1, 4)]  # 3 images: bucket 4
+    await asyncio.sleep(0.01)
+    runner.gate.set()
+    assert (await first).ravel().tolist() == [0]
+    assert [(await t).ravel().tolist() for t in rest] == [[2], [4], [6]]
+    assert runner.rows == [1, 4]
+    assert [(r.size, r.padding) for r in rec.records] == [(1, 0), (3, 1)]
+    await b.close()
+
+
+async def test_a_hung_instance_fails_its_batch_and_is_replaced_while_the_other_serves() -> None:
+    release = threading.Event()
+    made: list[Doubler] = []
+
+    class HangsFirst(Doubler):
+        """The first one made hangs until released; its replacements compute."""
+
+        def run(self, parts, rows: int) -> np.ndarray:
+            if self is made[0]:
+                release.wait(30)
+            return super().run(parts, rows)
+
+    def make() -> Doubler:
+        made.append(HangsFirst())
+        return made[-1]
+
+    rec = Recorder()
+    hanging = ModelInstance(make, "hangs")
+    hanging.ready.result(5)
+    other = Doubler()
+    b = Batcher(
+        [hanging, *instances(other)],
+        BatchingConfig(max_batch_size=4, max_queue_delay_us=0),
+        listener=rec,
+        execution_timeout_s=0.3,
+    )
+    await b.start()
+    stuck = asyncio.create_task(b.submit(items(1)))  # the first free instance: the hanging one
+    await asyncio.sleep(0.05)
+    assert (await b.submit(items(2))).ravel().tolist() == [4]  # served meanwhile by the other
+    with pytest.raises(ExecutionTimeout, match=r"execution_timeout_s 0\.3 s; it is being replaced"):
+        await stuck
+    for _ in range(100):  # the replacement loads on its own new thread
+        if len(b.runners) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert hanging not in b.runners and len(b.runners) == 2 and rec.replaced == 1
+    fresh = next(r for r in b.runners if r.name == "hangs")
+    assert fresh.thread_name != hanging.thread_name
+    results = await asyncio.gather(*(b.submit(items(i)) for i in range(8)))
+    assert [r.ravel().tolist() for r in results] == [[2 * i] for i in range(8)]
+    assert len(made) == 2 and made[1].batches  # the replacement computes
+    assert not hanging.closed.done()  # still inside its hung call
+    release.set()
+    await asyncio.wrap_future(hanging.closed)  # closes once the call returns
     await b.close()

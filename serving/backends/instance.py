@@ -1,0 +1,105 @@
+"""A model instance: one backend and the one thread that makes every call on it (see base.py).
+
+The thread opens the backend (`setup`: load and warm-up), then runs the jobs given to it one
+at a time, then closes the backend. Callers get `concurrent.futures.Future`s, which the batcher
+awaits from its event loop. An instance whose call hangs cannot be interrupted (no runtime can
+be stopped mid-call from Python): the batcher stops waiting for it, closes it, which takes
+effect when the call returns, and starts a `replacement` on a new thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any, Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+_generation = itertools.count(1)
+
+
+class BatchRunner(Protocol):
+    """What an instance drives: a `Backend`, or anything with the same two calls."""
+
+    def run(self, parts: Sequence[np.ndarray], rows: int) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+Job = tuple[Callable[[Any], Any], Future]
+
+
+class ModelInstance:
+    """Starts its thread at once; `ready` resolves to the backend after `setup`, or to its error."""
+
+    def __init__(self, setup: Callable[[], BatchRunner], name: str) -> None:
+        self._setup = setup
+        self.name = name
+        self.ready: Future[BatchRunner] = Future()
+        self.closed: Future[None] = Future()
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name=f"{name}#{next(_generation)}", daemon=True)
+        self._thread.start()
+
+    @property
+    def thread_name(self) -> str:
+        return self._thread.name
+
+    def submit(self, fn: Callable[[BatchRunner], Any]) -> Future:
+        """Call `fn(backend)` on this instance's thread, after the jobs before it."""
+        future: Future = Future()
+        self._jobs.put((fn, future))
+        if self.ready.done() and self.ready.exception() is not None:  # no thread left to run it
+            self._fail_pending(self.ready.exception())
+        return future
+
+    def run(self, parts: Sequence[np.ndarray], rows: int) -> Future:
+        return self.submit(lambda backend: backend.run(parts, rows))
+
+    def replacement(self) -> ModelInstance:
+        """A fresh instance of the same model: a new thread that loads and warms up its own backend."""
+        return ModelInstance(self._setup, self.name)
+
+    def close(self) -> Future[None]:
+        """Close the backend on its thread once the jobs already given are done; never blocks."""
+        self._jobs.put(None)
+        return self.closed
+
+    def _main(self) -> None:
+        try:
+            backend = self._setup()
+        except BaseException as exc:  # the loader's error belongs to whoever awaits `ready`
+            self.ready.set_exception(exc)
+            self._fail_pending(exc)
+            self.closed.set_result(None)
+            return
+        self.ready.set_result(backend)
+        try:
+            while (job := self._jobs.get()) is not None:
+                fn, future = job
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    future.set_result(fn(backend))
+                except BaseException as exc:  # reported to the caller, who decides
+                    future.set_exception(exc)
+        finally:
+            try:
+                backend.close()
+            except Exception:
+                log.exception("closing %s failed", self.thread_name)
+            self.closed.set_result(None)
+
+    def _fail_pending(self, error: BaseException | None) -> None:
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None and job[1].set_running_or_notify_cancel():
+                job[1].set_exception(error)
