@@ -27,8 +27,8 @@ MAX_IMAGE_PIXELS = 50_000_000
 # Per request: four such photos, or sixteen 12-megapixel phone photos; about a second of decoding.
 MAX_REQUEST_PIXELS = 200_000_000
 CONTROL_MODES = ("none", "poll", "explicit")
-# pad_batches values (YAML reads on/off/yes/no as booleans, so their spellings as text count too).
-PAD_CHOICES: dict[str, bool | None] = {
+# `padding` values (YAML reads on/off/yes/no as booleans, so their spellings as text count too).
+PADDING_CHOICES: dict[str, bool | None] = {
     "auto": None,
     **dict.fromkeys(("on", "true", "yes", "1"), True),
     **dict.fromkeys(("off", "false", "no", "0"), False),
@@ -71,11 +71,11 @@ class BatchingConfig:
     )
     batch_buckets: tuple[int, ...] = setting(
         (),
-        "the batch sizes each instance runs once at load (warm-up) and, with pad_batches, the only "
+        "the batch sizes each instance runs once at load (warm-up) and, with padding on, the only "
         "sizes it ever runs; the largest must be max_batch_size; empty: powers of two up to "
         "max_batch_size, and max_batch_size",
     )
-    pad_batches: str = setting(
+    padding: str = setting(
         "auto",
         "pad each batch with zero rows up to the next bucket and drop their outputs, so the runtime "
         "only meets the shapes warmed up at load (on a GPU every new shape costs an algorithm search "
@@ -108,8 +108,8 @@ class BatchingConfig:
                 f"batching.batch_buckets {list(self.batch_buckets)}: increasing sizes >= 1 ending at "
                 f"max_batch_size {self.max_batch_size}"
             )
-        if self.pad_batches.lower() not in PAD_CHOICES:
-            raise ConfigError(f"batching.pad_batches must be auto, on or off; got {self.pad_batches!r}")
+        if self.padding.lower() not in PADDING_CHOICES:
+            raise ConfigError(f"batching.padding must be auto, on or off; got {self.padding!r}")
 
     def buckets(self) -> tuple[int, ...]:
         """The configured buckets, else 1, 2, 4, ... up to max_batch_size (included)."""
@@ -228,7 +228,7 @@ class ModelConfig:
 
     def padded_buckets(self) -> tuple[int, ...]:
         """The sizes batches are padded up to, or () when batches run at their own size."""
-        pad = PAD_CHOICES[self.batching.pad_batches.lower()]
+        pad = PADDING_CHOICES[self.batching.padding.lower()]
         if pad is None:
             pad = self.device != "cpu"
         return self.batching.buckets() if pad else ()

@@ -335,7 +335,7 @@ def model_config(model: LoadedModel) -> mc.ModelConfig:
         **{f"input_{key}": value for key, value in INPUT_PARAMETERS.items()},
         **{f"output_{key}": value for key, value in OUTPUT_PARAMETERS.items()},
         "batch_buckets": ",".join(map(str, batching.buckets())),
-        "pad_batches": bool(cfg.padded_buckets()),
+        "padding": bool(cfg.padded_buckets()),
         "execution_timeout_s": f"{cfg.execution_timeout_s:g}",
         "warmup_seconds": f"{model.warmup_s:.3f}",
         **model.runtime,
