@@ -105,6 +105,14 @@ ELSEWHERE: dict[str, Elsewhere] = {
         "serves until stopped, on fixed ports shared with other work, a W48 export",
         "tests/deploy/test_dockerfile.py::test_entrypoint_and_healthcheck_run_as_written",
     ),
+    r"python -m benchmarks\.gpu_serving prepare .*": Elsewhere(
+        "exports W48 at 224 twice through MindSpore (minutes)",
+        "tests/serving/test_engine.py::test_fp16_models_serve_with_no_flags",
+    ),
+    r"python -m benchmarks\.gpu_serving run .*": Elsewhere(
+        "needs a GPU and the W48 exports above; the same run on CPU with the small test model",
+        "tests/benchmarks/test_gpu_serving.py::test_every_section_runs_and_is_written_as_it_finishes",
+    ),
     r"hrnet classify photo\.jpg": Elsewhere(
         "needs the W48 server above", "tests/clients/test_classify_cli.py::test_tables_for_named_files"
     ),
