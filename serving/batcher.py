@@ -2,10 +2,18 @@
 
 Knows nothing of gRPC or of any backend beyond `Runner`. One scheduler task takes a free
 model instance, then forms a batch: it waits for the first request, then until the batch is
-full, the largest preferred size is reached, or the oldest request has waited
-`max_queue_delay_us`, and with `adaptive_delay` not at all when, at the recent arrival rate,
-no other request is due before that. Taking the instance first means that while every instance
-is busy, requests pile up and the next batch is larger at no extra delay.
+full, the largest preferred size is reached, or `max_queue_delay_us` has passed since the later
+of the oldest request's arrival and the instance becoming free; with `adaptive_delay` not at all
+when, at the recent arrival rate, no other request is due before that. Taking the instance first
+means that while every instance is busy, requests pile up and the next batch is larger at no
+extra delay.
+
+The delay counts from the instance becoming free, not only from the oldest arrival, because of
+closed loops (callers that send their next request when the answer comes): with one instance
+busy, the request queued during a batch has already waited longer than the delay when the
+instance frees, so counting from its arrival dispatched it alone just before the batch's callers
+sent their next requests, and batches alternated between nearly full and one image (15, 1, 15,
+1 with 16 callers). Waiting up to the delay after the instance freed lets them join.
 
 The requests' arrays go to the instance as they are (no concatenation here): the instance
 copies them once into its own batch buffer, padded up to the next of `buckets` when given, so
@@ -15,8 +23,10 @@ fails with `ExecutionTimeout` and its instance is replaced by a fresh one while 
 keep serving.
 
 Guarantees: every future is resolved (result, error or cancellation); a cancelled or expired
-request is dropped before compute; the queue is bounded in images and fails fast with
-`QueueFull`; deadlines are absolute times on the injectable `clock` (time.monotonic).
+request is dropped before compute; a request waits for company at most `max_queue_delay_us`
+beyond the moment an instance is free to take it (so at most that long when one is free on its
+arrival); the queue is bounded in images and fails fast with `QueueFull`; deadlines are absolute
+times on the injectable `clock` (time.monotonic).
 """
 
 from __future__ import annotations
@@ -164,7 +174,7 @@ class Batcher:
         self._mean_gap: float | None = None  # smoothed seconds between requests
         # asyncio primitives belong to the running loop: made in start().
         self._arrival: asyncio.Event | None = None
-        self._free: asyncio.Queue[Runner] | None = None
+        self._free: asyncio.Queue[tuple[Runner, float]] | None = None  # with when it became free
         self._idle: asyncio.Event | None = None
         self._scheduler: asyncio.Task[None] | None = None
 
@@ -183,7 +193,7 @@ class Batcher:
         self._idle.set()
         self._free = asyncio.Queue()
         for runner in self._runners:
-            self._free.put_nowait(runner)
+            self._release(runner)
         self._scheduler = asyncio.create_task(self._schedule(), name="batcher")
 
     async def submit(
@@ -292,8 +302,8 @@ class Batcher:
     async def _schedule(self) -> None:
         assert self._free is not None
         while True:
-            runner = await self._free.get()
-            tasks = await self._next_batch()
+            runner, freed = await self._free.get()
+            tasks = await self._next_batch(freed)
             job = asyncio.create_task(self._execute(runner, tasks))
             self._running.add(job)
             assert self._idle is not None
@@ -317,7 +327,13 @@ class Batcher:
             heapq.heappop(self._heap)
         return None
 
-    async def _next_batch(self) -> list[_Task]:
+    def _release(self, runner: Runner) -> None:
+        """`runner` is free to take the next batch, as of now."""
+        assert self._free is not None
+        self._free.put_nowait((runner, self._clock()))
+
+    async def _next_batch(self, freed: float) -> list[_Task]:
+        """The next batch for an instance free since `freed` (see the module's docstring)."""
         assert self._arrival is not None
         cfg = self.config
         target = max(cfg.preferred_batch_sizes, default=cfg.max_batch_size)
@@ -329,7 +345,7 @@ class Batcher:
                     self._idle.set()
                 await self._arrival.wait()
                 continue
-            wait_until = head.enqueued + cfg.max_queue_delay_us / 1e6
+            wait_until = max(head.enqueued, freed) + cfg.max_queue_delay_us / 1e6
             wait_s = wait_until - self._clock()
             full = self._queued_images >= target
             if full or wait_s <= 0 or self._closing or self._no_company_expected(wait_until):
@@ -379,7 +395,6 @@ class Batcher:
         return next((b for b in self._buckets if b >= size), size)
 
     async def _execute(self, runner: Runner, tasks: list[_Task]) -> None:
-        assert self._free is not None
         keep = True  # whether `runner` goes back to serving afterwards
         try:
             tasks = [t for t in tasks if not t.future.done()]  # cancelled after being taken
@@ -451,7 +466,7 @@ class Batcher:
             # cancelled mid-batch at shutdown: still answer every caller
             self._fail(tasks, Unavailable("the server shut down while this request ran"))
             if keep:
-                self._free.put_nowait(runner)
+                self._release(runner)
 
     @staticmethod
     def _fail(tasks: list[_Task], error: Exception) -> None:
@@ -472,7 +487,6 @@ class Batcher:
 
     async def _bring_up(self, retired: Runner) -> None:
         """Load replacements of `retired` until one is ready (each failure logged), then serve it."""
-        assert self._free is not None
         while True:
             fresh = retired.replacement()
             try:
@@ -485,7 +499,7 @@ class Batcher:
                 log.exception("a replacement instance failed to load; retrying in %g s", REPLACEMENT_RETRY_S)
                 await asyncio.sleep(REPLACEMENT_RETRY_S)
         self._runners.append(fresh)
-        self._free.put_nowait(fresh)
+        self._release(fresh)
         log.info("replacement instance ready")
 
     async def close(self, grace_s: float = 0.0) -> bool:

@@ -4,6 +4,7 @@ are stand-ins that record what they computed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -231,6 +232,47 @@ async def test_adaptive_delay_skips_the_wait_when_no_company_is_due() -> None:
     await dense.submit(items(1))
     assert loop.time() - start >= 0.25
     await dense.close()
+
+
+async def test_a_closed_loop_forms_full_batches_with_one_instance() -> None:
+    """16 callers, each sending its next request when its answer comes; one instance whose batch
+    computes longer than the queue delay. Counted from the oldest arrival, the delay had always
+    passed when the instance freed, so the one request queued meanwhile went alone while the 15
+    just answered were about to send again: batches of 1, 15, 1, 15. Counted from the instance
+    becoming free, they join it."""
+    clock = FakeClock()
+
+    class Computing(Doubler):
+        def run(self, parts, rows: int) -> np.ndarray:
+            out = super().run(parts, rows)
+            clock.now += 0.5  # every batch computes 0.5 s, more than the 0.2 s delay
+            return out
+
+    runner = Computing()
+    runner.gate.clear()
+    b = await _started(
+        [runner], clock=clock, max_batch_size=16, max_queue_delay_us=200_000, adaptive_delay=False
+    )
+
+    async def caller(i: int) -> None:
+        with contextlib.suppress(Unavailable):  # the batcher closed between two requests
+            while len(runner.batches) < 6:
+                assert (await b.submit(items(i))).ravel().tolist() == [2 * i]
+
+    callers = [asyncio.create_task(caller(0))]
+    await asyncio.sleep(0.05)
+    clock.now += 1.0  # the first request has waited out the delay: it computes alone
+    await _wait_entered(runner)  # and the other 15 queue behind it
+    callers += [asyncio.create_task(caller(i)) for i in range(1, 16)]
+    await asyncio.sleep(0.05)
+    runner.gate.set()
+    for _ in range(250):
+        if len(runner.batches) >= 6:
+            break
+        await asyncio.sleep(0.02)
+    await b.close(grace_s=5)
+    await asyncio.gather(*callers)
+    assert [len(batch) for batch in runner.batches[:6]] == [1, 16, 16, 16, 16, 16]
 
 
 async def test_backend_error_resolves_every_caller() -> None:
