@@ -74,11 +74,16 @@ class ModelInstance:
         try:
             backend = self._setup()
         except BaseException as exc:  # the loader's error belongs to whoever awaits `ready`
-            self.ready.set_exception(exc)
+            if self.ready.set_running_or_notify_cancel():
+                self.ready.set_exception(exc)
             self._fail_pending(exc)
             self.closed.set_result(None)
             return
-        self.ready.set_result(backend)
+        # `ready` is cancelled when its awaiter gave up while this loaded (asyncio.wrap_future
+        # passes cancellation on: a replacement still loading at shutdown); the instance then
+        # still runs what it is given and closes on close(), like any other.
+        if self.ready.set_running_or_notify_cancel():
+            self.ready.set_result(backend)
         try:
             while (job := self._jobs.get()) is not None:
                 fn, future = job

@@ -353,14 +353,19 @@ def test_fp16_models_serve_with_no_flags(model_repo, tmp_path, start_server) -> 
 
 
 def test_a_hung_instance_is_replaced_while_the_other_serves(registered, one_model, start_server) -> None:
-    armed, release = threading.Event(), threading.Event()
+    armed, release, lock = threading.Event(), threading.Event(), threading.Lock()
+    hangs: list[Recording] = []  # the instance that takes the first request once armed
 
     class HangsOnce(Recording):
         name = "recording"
 
         def run(self, parts, rows: int) -> np.ndarray:
-            if armed.is_set() and self is type(self).made[0]:
-                release.wait(60)  # a runtime call that never returns (until the test ends)
+            if armed.is_set():
+                with lock:
+                    if not hangs:
+                        hangs.append(self)
+                if self is hangs[0]:
+                    release.wait(60)  # a runtime call that never returns (until the test ends)
             return super().run(parts, rows)
 
     cls = registered(HangsOnce)
@@ -383,12 +388,13 @@ def test_a_hung_instance_is_replaced_while_the_other_serves(registered, one_mode
         assert all(np.array_equal(s, served[0]) for s in served)
         _wait(lambda: server.metric("hrnet_instance_replacements_total", model="hrnet") == 1)
         _wait(lambda: len(cls.made) == 3 and cls.made[2].rows)  # loaded and warmed on a new thread
-        hung, other, fresh = cls.made
+        hung, fresh = hangs[0], cls.made[2]
+        other = next(b for b in cls.made[:2] if b is not hung)
         assert fresh.threads.isdisjoint(hung.threads | other.threads)
         results = [_infer(stub, _images(2, seed=i)) for i in range(6)]
         assert all(r.shape == (2, 10) for r in results)
         assert fresh.rows[3:] and "close" not in {c for c, _ in hung.calls}
     finally:
         release.set()
-    _wait(lambda: "close" in {c for c, _ in cls.made[0].calls})  # closed on its own thread once free
-    assert len(cls.made[0].threads) == 1
+    _wait(lambda: "close" in {c for c, _ in hangs[0].calls})  # closed on its own thread once free
+    assert len(hangs[0].threads) == 1
