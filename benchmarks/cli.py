@@ -7,9 +7,10 @@
     hrnet bench accuracy --model m.onnx --data VAL_DIR [--ckpt CKPT]   # top-1/5, against hrnet eval
     hrnet bench batching --model m.onnx [--concurrency 16] [--repeats 3]  # batching off vs on
     hrnet bench soak     --model m.onnx [--duration 300] [--load 2]    # overload, and what must hold
+    hrnet bench gpu      prepare | run --model NAME=m.onnx            # the prepared GPU run, budgeted
 
-Every mode prints a table and takes `--json FILE`; all but soak also `--report DIR` (Markdown,
-JSON, PNG plots).
+Every mode but gpu prints a table and takes `--json FILE`; all but soak and gpu also `--report
+DIR` (Markdown, JSON, PNG plots); gpu writes OUT/results.jsonl and OUT/report.md section by section.
 Servers started here listen on 127.0.0.1 only and are always stopped.
 """
 
@@ -19,9 +20,10 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks import gpu_serving
 from core.errors import CommandError
 
-MODES = ("ceiling", "load", "peers", "accuracy", "batching", "soak")
+MODES = ("ceiling", "load", "peers", "accuracy", "batching", "soak", "gpu")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -200,6 +202,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = modes.add_parser("soak", help="twice the measured capacity with deadlines and cancellations")
     _soak_options(p)
 
+    p = modes.add_parser("gpu", help="the prepared GPU run: ceiling per bucket, then the server, budgeted")
+    gpu_serving.add_arguments(p)
+
 
 def _check(args: argparse.Namespace) -> None:
     if getattr(args, "workers", 1) < 1:
@@ -220,6 +225,8 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     if args.mode == "soak":
         return soak.run(args)
+    if args.mode == "gpu":
+        return gpu_serving.main(args)
     runners: dict[str, Callable[[argparse.Namespace], report.Report]] = {
         "ceiling": modes.ceiling,
         "load": modes.load,

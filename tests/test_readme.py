@@ -105,11 +105,11 @@ ELSEWHERE: dict[str, Elsewhere] = {
         "serves until stopped, on fixed ports shared with other work, a W48 export",
         "tests/deploy/test_dockerfile.py::test_entrypoint_and_healthcheck_run_as_written",
     ),
-    r"python -m benchmarks\.gpu_serving prepare .*": Elsewhere(
+    r"hrnet bench gpu prepare .*": Elsewhere(
         "exports W48 at 224 twice through MindSpore (minutes)",
         "tests/serving/test_engine.py::test_fp16_models_serve_with_no_flags",
     ),
-    r"python -m benchmarks\.gpu_serving run .*": Elsewhere(
+    r"hrnet bench gpu run .*": Elsewhere(
         "needs a GPU and the W48 exports above; the same run on CPU with the small test model",
         "tests/benchmarks/test_gpu_serving.py::test_every_section_runs_and_is_written_as_it_finishes",
     ),

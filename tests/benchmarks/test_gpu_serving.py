@@ -1,35 +1,38 @@
-"""The GPU measurement script, rehearsed on CPU with the small test model: every section runs
-and writes its results, and the budget skips what no longer fits instead of overrunning."""
+"""`hrnet bench gpu run`, the GPU measurement, rehearsed on CPU with the small test model: every
+section runs and writes its results, and the budget skips what no longer fits instead of
+overrunning."""
 
 from __future__ import annotations
 
 import json
 
-from benchmarks.gpu_serving import main
+from hrnet.cli import main
+
+SECTIONS = ["environment", "small: ceiling", "small: server raw", "small: server jpeg"]
 
 
 def test_every_section_runs_and_is_written_as_it_finishes(model_repo, tmp_path) -> None:
     out = tmp_path / "out"
-    args = ["run", "--model", f"small={model_repo.onnx}", "--device", "cpu", "--callers", "4"]
-    args += ["--processes", "1", "--max-batch-size", "4", "--seconds", "1", "--warmup-s", "0.5"]
-    assert main([*args, "--ceiling-seconds", "0.05", "--out", str(out)]) == 0
+    args = ["bench", "gpu", "run", "--model", f"small={model_repo.onnx}", "--device", "cpu"]
+    args += ["--concurrency", "4", "--workers", "1", "--max-batch-size", "4", "--duration", "1"]
+    assert main([*args, "--warmup", "0.5", "--ceiling-seconds", "0.05", "--out", str(out)]) == 0
     sections = {r["section"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
-    assert list(sections) == ["environment", "small: ceiling", "small: server raw", "small: server jpeg"]
+    assert list(sections) == SECTIONS
     ceiling = sections["small: ceiling"]
     assert list(ceiling["buckets"]) == ["1", "2", "4"] and ceiling["padding_max_abs_diff"] < 1e-4
     assert ceiling["cpu_same_top1"] and ceiling["runtime"]["providers"] == "CPUExecutionProvider"
     for kind in ("raw", "jpeg"):
         load = sections[f"small: server {kind}"]
         assert load["img_s"] > 0 and not load["errors"] and 1 <= load["mean_batch"] <= 4
-        assert float(load["server_warmup_s"]) >= 0
+        assert load["ratio_to_ceiling"] > 0 and float(load["server_warmup_s"]) >= 0
     report = (out / "report.md").read_text()
-    assert "server/ceiling" in report and "page-locked: False" in report
+    assert "server/ceiling" in report and "page-locked: False" in report and "batches run" in report
 
 
 def test_a_spent_budget_skips_sections_and_says_so(model_repo, tmp_path) -> None:
     out = tmp_path / "out"
-    args = ["run", "--model", f"small={model_repo.onnx}", "--device", "cpu", "--budget-s", "1"]
-    assert main([*args, "--out", str(out)]) == 0
+    args = ["bench", "gpu", "run", "--model", f"small={model_repo.onnx}", "--device", "cpu"]
+    assert main([*args, "--budget-s", "1", "--out", str(out)]) == 0
     sections = [json.loads(line)["section"] for line in (out / "results.jsonl").read_text().splitlines()]
-    assert sections == ["environment", "small: ceiling", "small: server raw", "small: server jpeg"]
+    assert sections == SECTIONS
     assert "skipped: time budget spent" in (out / "report.md").read_text()
