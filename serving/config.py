@@ -48,8 +48,9 @@ class BatchingConfig:
     max_batch_size: int = setting(16, "largest batch the backend runs; larger requests are split")
     max_queue_delay_us: int = setting(
         2000,
-        "how long the oldest queued request may wait for others to join it; bounds the latency "
-        "batching adds at low load; 0: no waiting (batches still form while instances are busy)",
+        "how long a batch may wait for more requests, counted from the later of its oldest "
+        "request's arrival and the instance becoming free; bounds the latency batching adds at low "
+        "load; 0: no waiting (batches still form while instances are busy)",
     )
     adaptive_delay: bool = setting(
         True,
