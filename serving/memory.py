@@ -4,10 +4,14 @@ glibc keeps what a thread frees in that thread's heap arena for reuse and return
 after one burst of large image requests (gRPC's buffers, decoded pixels on the decoding threads)
 the server stayed at 3.7 GB resident while holding 0.3 GB. Two remedies, both glibc's own:
 
-- `mallopt(M_MMAP_THRESHOLD, 128 KiB)`: every block that large (messages, images, batches) gets
-  its own mapping and goes back to the system when freed. glibc starts there too, but raises the
+- `mallopt(M_MMAP_THRESHOLD, 4 MiB)`: every block that large (multi-image messages, large
+  images) gets its own mapping and goes back to the system when freed. glibc raises its own
   threshold after the first large block is freed, and from then on such blocks fill the arenas.
-  Fixing it keeps them out: a burst of 48 requests of 16 VGA PNGs peaked at 0.2 GB, not 1 GB.
+  The threshold is not lower because a mapping per request costs: at 128 KiB every 600 KB
+  request (one 224x224 FP32 image) was mapped, faulted in and unmapped, and the unmapping
+  interrupts the runtime's threads on the other cores. On 2 cores with W18-small-v1 at 224 and
+  1 caller that was 27-31 img/s against 32-33 at 4 MiB. Blocks under the threshold come from the
+  arenas and are reused under load.
 - `malloc_trim(0)` releases the free pages left in every arena. It runs when the server has gone
   quiet, never under load: there the freed memory is about to be reused.
 """
@@ -23,7 +27,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 TRIM_INTERVAL_S = 1.0
-MMAP_THRESHOLD = 128 << 10
+MMAP_THRESHOLD = 4 << 20  # see the module docstring
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 
 
