@@ -269,8 +269,8 @@ class Forwarder(grpc.GenericRpcHandler):
         if kind == (False, False):
             return grpc.unary_unary_rpc_method_handler(self._unary(path))
         if kind == (False, True):
-            return grpc.unary_stream_rpc_method_handler(self._unary_stream(path))
-        return grpc.stream_stream_rpc_method_handler(self._stream_stream(path))
+            return grpc.unary_stream_rpc_method_handler(self._streaming(self._channel.unary_stream(path)))
+        return grpc.stream_stream_rpc_method_handler(self._streaming(self._channel.stream_stream(path)))
 
     @staticmethod
     def _call_options(context: grpc.aio.ServicerContext) -> dict[str, Any]:
@@ -292,28 +292,13 @@ class Forwarder(grpc.GenericRpcHandler):
 
         return relay
 
-    def _unary_stream(self, path: str) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[bytes]]:
-        call = self._channel.unary_stream(path)
+    def _streaming(self, call: Any) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[bytes]]:
+        """Relay a call whose answers stream (`call` from the channel's unary_stream or
+        stream_stream: the request, one message or an iterator of them, passes through as is)."""
 
-        async def relay(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async def relay(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             try:
                 async for response in call(request, **self._call_options(context)):
-                    yield response
-            except grpc.aio.AioRpcError as exc:
-                await context.abort(exc.code(), exc.details() or "")
-
-        return relay
-
-    def _stream_stream(
-        self, path: str
-    ) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], AsyncIterator[bytes]]:
-        call = self._channel.stream_stream(path)
-
-        async def relay(
-            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[bytes]:
-            try:
-                async for response in call(requests, **self._call_options(context)):
                     yield response
             except grpc.aio.AioRpcError as exc:
                 await context.abort(exc.code(), exc.details() or "")
