@@ -102,6 +102,17 @@ def _ceiling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-ceiling", action="store_true", help="skip it (ratios are then not reported)")
 
 
+def _paired(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the sweep, N alternated pairs of the ceiling and our server at its saturation "
+        "level: the ratio with the machine's drift taken out (default 0: none)",
+    )
+
+
 def _soak_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="ONNX or MINDIR file to serve")
     parser.add_argument("--duration", type=float, default=300.0, help="seconds of overload (default 300)")
@@ -154,6 +165,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--serve-args", default="", help="more `hrnet serve` flags, e.g. '--instances 2 --threads 1'"
     )
+    _paired(p)
     _output(p)
 
     p = modes.add_parser("peers", help="ours and MLServer on the same file and load, side by side")
@@ -168,6 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="peer virtual environments (default runs/peers)",
     )
     p.set_defaults(max_batch_size=16, max_queue_delay_us=2000)
+    _paired(p)
     _output(p)
 
     p = modes.add_parser(
@@ -213,6 +226,8 @@ def _check(args: argparse.Namespace) -> None:
         raise CommandError("--requests and --warmup must be >= 0")
     if getattr(args, "requests", 0) == 0 and getattr(args, "duration", 1) <= 0:
         raise CommandError("--duration must be > 0 (or give --requests)")
+    if getattr(args, "paired", 0) < 0:
+        raise CommandError(f"--paired must be >= 0, got {args.paired}")
     if getattr(args, "repeats", 1) < 1 or (args.mode in ("batching", "accuracy") and args.concurrency < 1):
         raise CommandError("--repeats and --concurrency must be >= 1")
     if args.mode == "batching" and not args.model.is_file():

@@ -14,7 +14,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from benchmarks import batching, sweep
+from benchmarks import batching, paired, sweep
 from benchmarks.accuracy import classify_all, compare, image_folder, run_eval, scores
 from benchmarks.ceiling import DEFAULT_BATCH_SIZES, Ceiling, batch_ladder, measure
 from benchmarks.loadgen import Level, LoadGenerator
@@ -70,6 +70,11 @@ def load(args: argparse.Namespace, with_peers: bool = False) -> Report:
         generator = stack.enter_context(LoadGenerator(args.workers))
         workloads = {t.label: spec.build(t.model) for t in targets}
         results = sweep.run(generator, targets, workloads, levels, measured)
+        level = paired.saturation_level(results[0], list(levels))
+        pairs = None
+        if args.paired and measured and level is not None:
+            seconds = level.duration_s if not level.requests else args.ceiling_seconds
+            pairs = paired.measure_pairs(generator, ours, level, measured, args.paired, seconds)
     report = Report(
         "peers" if with_peers else "load",
         machine,
@@ -81,6 +86,8 @@ def load(args: argparse.Namespace, with_peers: bool = False) -> Report:
     )
     if with_peers:
         report.extra["peers"] = _comparison(results)
+    if pairs:
+        report.extra["paired"] = pairs
     return report
 
 

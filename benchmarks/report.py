@@ -167,6 +167,21 @@ def peers_table(report: dict[str, Any]) -> Table:
     return header, rows
 
 
+def paired_table(paired: dict[str, Any]) -> Table:
+    header = ["pair", "first", "ceiling img/s", "server img/s", "/ceiling"]
+    rows = [
+        [
+            str(i),
+            "server" if pair["server_first"] else "ceiling",
+            _f(pair["ceiling_img_s"]),
+            _f(pair["server_img_s"]),
+            _ratio(pair["ratio_to_ceiling"]),
+        ]
+        for i, pair in enumerate(paired["pairs"], 1)
+    ]
+    return header, rows
+
+
 def batching_table(batching: dict[str, Any]) -> Table:
     header = ["setting", "img/s (median)", "range", "p50 ms", "p99 ms", "mean batch", "/ceiling"]
     rows = [
@@ -237,6 +252,23 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, Table | list[str]]]:
                 f"saturation: {target['img_s']:.1f} img/s at {target['saturation_level']}{ratio_text}"
             )
         sections.append(("", lines))
+    if "paired" in report:
+        p = report["paired"]
+        title = (
+            f"{p['target']} paired with the ceiling: {len(p['pairs'])} alternated pairs at {p['level']},"
+            f" ceiling at batch {p['batch']}, {_f(p['seconds'])} s each"
+        )
+        sections.append((title, paired_table(p)))
+        sweep_ratio = next(t["ratio_to_ceiling"] for t in report["targets"] if t["label"] == p["target"])
+        sections.append(
+            (
+                "",
+                [
+                    f"ratio at saturation, median of the pairs: {_ratio(p['ratio_to_ceiling'])} "
+                    f"({_ratio(p['ratio_min'])}-{_ratio(p['ratio_max'])}); the sweep's: {_ratio(sweep_ratio)}"
+                ],
+            )
+        )
     if "peers" in report and len(report["targets"]) > 1:
         sections.append(("Side by side", peers_table(report)))
     if "batching" in report:

@@ -15,6 +15,7 @@ would read both as NCHW).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -221,9 +222,10 @@ class LoadedModel:
         card = self.backend.metadata
         return card.precision if card is not None else "unknown"
 
-    @property
+    @functools.cached_property
     def labels(self) -> list[str]:
-        """One label per class: the model card's, or the class indices where it has none."""
+        """One label per class: the model card's, or the class indices where it has none. Built
+        once: every answer reads it, and building 1,000 strings was 6% of the event loop's time."""
         return [self.metadata.label(i) for i in range(self.num_classes)]
 
     def view(self) -> ModelView:

@@ -68,7 +68,7 @@ def test_load_sweep_writes_reports_that_parse_back(model_repo, tmp_path: Path) -
     result = bench(
         "load", "--model", model_repo.onnx, "--concurrency", "1,4", *QUICK, "--workers", "2",
         "--batch-sizes", "1,4", "--ceiling-seconds", "0.3", "--json", out, "--report", folder,
-        "--note", "test run",
+        "--note", "test run", "--paired", "2",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     report = read_json(out)
@@ -91,8 +91,17 @@ def test_load_sweep_writes_reports_that_parse_back(model_repo, tmp_path: Path) -
         assert level["server_cpu"] > 0 and level["loadgen_cpu"] > 0
     assert set(target["levels"][0]["batch_sizes"]) == {"1"}  # one caller never batches
     assert target["ratio_to_ceiling"] == max(lv["ratio_to_ceiling"] for lv in target["levels"])
+    paired = report["paired"]  # ceiling and server alternated at the saturation level
+    assert (paired["level"], paired["batch"]) == (target["saturation_level"], ceiling["best_batch"])
+    assert [p["server_first"] for p in paired["pairs"]] == [False, True] and paired["seconds"] == 1.5
+    for pair in paired["pairs"]:
+        assert pair["ratio_to_ceiling"] == pytest.approx(pair["server_img_s"] / pair["ceiling_img_s"])
+    ratios = sorted(p["ratio_to_ceiling"] for p in paired["pairs"])
+    assert paired["ratio_to_ceiling"] == pytest.approx(sum(ratios) / 2)
+    assert (paired["ratio_min"], paired["ratio_max"]) == (ratios[0], ratios[-1])
     markdown = (folder / "load.md").read_text(encoding="utf-8")
     assert "## hrnet serve" in markdown and "| 4 callers |" in markdown and "saturation:" in markdown
+    assert "paired with the ceiling: 2 alternated pairs" in markdown and "median of the pairs" in markdown
     for name in ("batches", "throughput", "p99", "latency_cdf"):
         assert (folder / f"load_{name}.png").read_bytes().startswith(PNG_MAGIC)
     assert "saturation:" in result.stdout and "wrote" in result.stdout
