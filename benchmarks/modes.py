@@ -70,9 +70,9 @@ def load(args: argparse.Namespace, with_peers: bool = False) -> Report:
         generator = stack.enter_context(LoadGenerator(args.workers))
         workloads = {t.label: spec.build(t.model) for t in targets}
         results = sweep.run(generator, targets, workloads, levels, measured)
-        level = paired.saturation_level(results[0], list(levels))
         pairs = None
-        if args.paired and measured and level is not None:
+        if args.paired and measured:
+            level = paired.saturation_level(results[0], list(levels))
             seconds = level.duration_s if not level.requests else args.ceiling_seconds
             pairs = paired.measure_pairs(generator, ours, level, measured, args.paired, seconds)
     report = Report(

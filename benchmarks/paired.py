@@ -12,6 +12,7 @@ and reports the median of the N ratios beside the sweep's.
 from __future__ import annotations
 
 import statistics
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,11 +35,10 @@ class Pair:
         return self.server_img_s / self.ceiling_img_s
 
 
-def saturation_level(result: TargetResult, levels: list[Level]) -> Level | None:
+def saturation_level(result: TargetResult, levels: list[Level]) -> Level:
     """The sweep's level (with its warm-up and window) where `result` saturated."""
     best = result.saturation
-    if best is None:
-        return None
+    assert best is not None, "a sweep measures at least one level"
     return next(lv for lv in levels if lv.label == best.level.label)
 
 
@@ -58,7 +58,7 @@ def measure_pairs(
         if not server_first:
             served = generator.run(target.label, level).img_s
         measured.append(Pair(ceiling_img_s, served, server_first))
-        tqdm.write(f"pair {i + 1}: ceiling {ceiling_img_s:.1f}, server {served:.1f} img/s")
+        tqdm.write(f"pair {i + 1}: ceiling {ceiling_img_s:.1f}, server {served:.1f} img/s", sys.stderr)
     ratios = [p.ratio_to_ceiling for p in measured]
     return {
         "target": target.label,
