@@ -335,15 +335,18 @@ def _warm_up(backend: Backend, config: ModelConfig) -> None:
 M = TypeVar("M")
 
 
-def resolve(models: Mapping[str, Mapping[str, M]], name: str, version: str) -> M:
-    """`name` empty means the only model, or the first by name; `version` empty the newest."""
+def resolve(
+    models: Mapping[str, Mapping[str, M]], name: str, version: str, reasons: Mapping[str, str] | None = None
+) -> M:
+    """`name` empty means the only model, or the first by name; `version` empty the newest.
+    `reasons` say why a name is not served (a failed load, an unload), for the NOT_FOUND error."""
     if not name:
         if not models:
             raise ModelNotFound("(default)", reason="no model is loaded")
         name = min(models)
     versions = models.get(name)
     if versions is None:
-        raise ModelNotFound(name, known=sorted(models))
+        raise ModelNotFound(name, known=sorted(models), reason=(reasons or {}).get(name, ""))
     if not version:
         version = max(versions, key=int)
     model = versions.get(version)
@@ -448,9 +451,7 @@ class DataPlane:
         """
         if not self.accepting:
             raise Unavailable("the server is starting or shutting down; retry")
-        if name and name not in self._models:
-            raise ModelNotFound(name, known=self.names(), reason=self.reasons.get(name, ""))
-        return resolve(self._models, name, version)
+        return resolve(self._models, name, version, self.reasons)
 
     def model_ready(self, name: str, version: str = "") -> bool:
         """KServe ModelReady: False for a model that is not served (never loaded, failed, unloaded);
