@@ -54,20 +54,9 @@ class Ceiling:
     def best(self) -> BatchTiming:
         return max(self.batches, key=lambda b: b.img_s)
 
-    def best_up_to(self, max_batch: int) -> BatchTiming:
-        """The best at batch sizes a server capped at `max_batch` can run (all of them if none fits)."""
-        fitting = [b for b in self.batches if b.batch <= max_batch]
-        return max(fitting or self.batches, key=lambda b: b.img_s)
-
     def as_dict(self) -> dict[str, Any]:
         best = self.best
         return {**dataclasses.asdict(self), "best_img_s": best.img_s, "best_batch": best.batch}
-
-
-def batch_ladder(max_batch: int) -> tuple[int, ...]:
-    """1, 2, 4, ... up to and including `max_batch`: the sizes a dynamic batcher mostly runs."""
-    sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
-    return (*sizes, max_batch)
 
 
 def measure(

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from benchmarks import batching, paired, sweep
 from benchmarks.accuracy import classify_all, compare, image_folder, run_eval, scores
-from benchmarks.ceiling import DEFAULT_BATCH_SIZES, Ceiling, batch_ladder, measure
+from benchmarks.ceiling import DEFAULT_BATCH_SIZES, Ceiling, measure
 from benchmarks.loadgen import Level, LoadGenerator
 from benchmarks.machine import this_machine
 from benchmarks.peers.mlserver import mlserver_target
@@ -26,7 +26,7 @@ from benchmarks.report import Report
 from benchmarks.sweep import WorkloadSpec
 from benchmarks.targets import ServerSource, Target, hrnet_target
 from core.errors import CommandError
-from serving.config import ModelConfig
+from serving.config import ModelConfig, batch_ladder
 
 DEFAULT_CONCURRENCY = (1, 4, 16, 64)
 DEFAULT_MAX_BATCH = 32  # ladder for the ceiling when the server does not state its maximum

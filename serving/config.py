@@ -34,7 +34,13 @@ PADDING_CHOICES: dict[str, bool | None] = {
     **dict.fromkeys(("off", "false", "no", "0"), False),
 }
 
-__all__ = ["BatchingConfig", "ConfigError", "ModelConfig", "ServerConfig", "VersionPolicy"]
+__all__ = ["BatchingConfig", "ConfigError", "ModelConfig", "ServerConfig", "VersionPolicy", "batch_ladder"]
+
+
+def batch_ladder(max_batch: int) -> tuple[int, ...]:
+    """1, 2, 4, ... up to and including `max_batch`: the sizes a dynamic batcher mostly runs."""
+    powers = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
+    return (*powers, max_batch)
 
 
 def usable_cores() -> int:
@@ -114,12 +120,7 @@ class BatchingConfig:
 
     def buckets(self) -> tuple[int, ...]:
         """The configured buckets, else 1, 2, 4, ... up to max_batch_size (included)."""
-        if self.batch_buckets:
-            return self.batch_buckets
-        powers = tuple(
-            1 << i for i in range(self.max_batch_size.bit_length()) if 1 << i < self.max_batch_size
-        )
-        return (*powers, self.max_batch_size)
+        return self.batch_buckets or batch_ladder(self.max_batch_size)
 
 
 @dataclass(frozen=True)
