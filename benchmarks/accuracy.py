@@ -5,8 +5,9 @@ it must equal MindSpore's on the checkpoint the export came from: preprocessing 
 an export that changed the network shows up as images whose top-1 differs, listed by name. For
 fp16 and int8 exports the same list is the honest price of the precision.
 
-`hrnet eval` runs as a child process (benchmarks do not import training) and writes its
-per-image predictions with `--predictions`.
+`hrnet eval` runs as a child process (no benchmark imports training but the export of
+`hrnet bench gpu prepare`; tests/test_layers.py) and writes its per-image predictions with
+`--predictions`.
 """
 
 from __future__ import annotations

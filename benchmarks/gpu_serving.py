@@ -97,7 +97,12 @@ class Results:
 def prepare(out: Path, arch: str, size: int, classes: int) -> list[Path]:
     """Export `arch` (random weights) as fp32 ONNX and as fp16 with fp32 inputs and outputs, by
     the conversion `hrnet export --precision fp16` uses (without its accuracy gate: random weights
-    have no accuracy to keep)."""
+    have no accuracy to keep).
+
+    The one place a benchmark imports training, and only inside this function (tests/test_layers.py
+    lists it in LAZY): the GPU run must measure the files `hrnet export` writes, so it calls
+    training's own export and fp16 conversion rather than a copy of them, and every other
+    benchmark, `hrnet bench gpu run` included, still never loads MindSpore."""
     import mindspore as ms
     import onnx
 
