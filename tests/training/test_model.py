@@ -101,12 +101,28 @@ def test_forward_at_224_with_custom_class_count() -> None:
     assert out.shape == (1, 7)
 
 
-def test_eval_mode_is_deterministic() -> None:
+def test_batch_norm_uses_running_statistics_in_eval_and_batch_statistics_in_training() -> None:
+    """The same image in two different batches: in eval mode its logits do not depend on its
+    batch-mates (BatchNorm normalises with the running statistics); in training mode they do
+    (each batch is normalised with its own statistics)."""
+    ms.set_seed(2)
     net = create_model("w18_small_v1", num_classes=5)
+    rng = np.random.default_rng(2)
+    image = rng.standard_normal((1, 3, 32, 32), dtype=np.float32)
+    quiet = np.concatenate([image, 0.1 * rng.standard_normal((3, 3, 32, 32), dtype=np.float32)])
+    loud = np.concatenate([image, 5.0 + 3.0 * rng.standard_normal((3, 3, 32, 32), dtype=np.float32)])
+
+    def change_with_batch_mates() -> float:
+        """How far the image's logits move between the two batches, relative to their size."""
+        in_quiet, in_loud = net(ms.Tensor(quiet)).asnumpy()[0], net(ms.Tensor(loud)).asnumpy()[0]
+        return float(np.abs(in_quiet - in_loud).max() / np.abs(in_quiet).max())
+
     net.set_train(False)
-    x = ms.Tensor(np.random.default_rng(2).standard_normal((3, 3, 64, 64), dtype=np.float32))
-    first, second = net(x).asnumpy(), net(x).asnumpy()
-    np.testing.assert_array_equal(first, second)
+    # Measured 0 (same running statistics; a different batch may still sum in another order,
+    # hence a float-rounding allowance far above 1e-7 and far below the training-mode change).
+    assert change_with_batch_mates() < 1e-3
+    net.set_train(True)
+    assert change_with_batch_mates() > 0.1  # measured 1.4: the batch statistics differ widely
 
 
 def test_a_training_step_changes_weights_and_lowers_the_loss() -> None:
