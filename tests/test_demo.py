@@ -52,6 +52,7 @@ def test_demo_runs_every_stage_and_stops_the_server(tmp_path: Path) -> None:
     ):
         assert f"[{n}/8] {stage}: done in" in result.stdout
     summary = json.loads((work / "summary.json").read_text())
+    # Scored on the whole validation split; > 300 keeps the one-image allowance below under 0.4%.
     assert summary["val_images"] == len(list((work / "data" / "val").rglob("*.png"))) > 300
     # The server (ONNX Runtime, server-side preprocessing) agrees with MindSpore's evaluation of the
     # same checkpoint; one image near a decision boundary may flip.
