@@ -30,6 +30,13 @@ from training.onnx_graph import ONNX_OPSET, opset
 from training.precision import DEFAULT_MAX_DROP, Calibration, GateResult, Reduction
 
 CALIB_COUNT = 200
+# The gate limit this fixture exports with. The fixture's job is to hand the serving tests an int8
+# and an fp16 file, on any x86-64 machine; the gate's refusal is tested on its own below, with a
+# calibration built to fail it. The one-epoch model's int8 drop read 0.28 points on one EPYC and
+# 0.56 (2 images of 359) on two others (AVX2, AVX-512 VNNI: MindSpore's and onnxruntime's kernels
+# differ by CPU), against the 0.5 default. 3 points (11 images) is over 5x the worst drop seen and
+# still refuses a broken reduction: the blank calibration below loses tens of points.
+FIXTURE_MAX_DROP = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +63,8 @@ def repo(ckpt: Path, digits: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     fp32 = export_checkpoint(ckpt, "ONNX", root / "digits_fp32" / "1" / "model.onnx")
     calibration = Calibration(digits / "train", CALIB_COUNT, "percentile")
     for reduction in (
-        Reduction("int8", digits / "val", calibration=calibration),
-        Reduction("fp16", digits / "val"),
+        Reduction("int8", digits / "val", max_drop=FIXTURE_MAX_DROP, calibration=calibration),
+        Reduction("fp16", digits / "val", max_drop=FIXTURE_MAX_DROP),
     ):
         result = reduce_export(fp32, root / f"digits_{reduction.precision}" / "1" / "model.onnx", reduction)
         assert isinstance(result, GateResult) and result.passed, result.summary()
@@ -83,8 +90,8 @@ def test_reduced_files_are_opset_17_dynamic_and_carry_precision_calibration_and_
     for card in (int8, fp16):
         gate = card.validation
         assert gate["val"] == str(digits / "val") and gate["images"] == 359
-        assert gate["max_drop_points"] == DEFAULT_MAX_DROP
-        assert 100 * (gate["top1_fp32"] - gate["top1"]) <= DEFAULT_MAX_DROP
+        assert gate["max_drop_points"] == FIXTURE_MAX_DROP
+        assert 100 * (gate["top1_fp32"] - gate["top1"]) <= FIXTURE_MAX_DROP
         assert gate["top1_fp32"] > 0.8  # a trained model: the gate had something to lose
         assert (card.labels, card.input_size, card.exporter) == (fp32.labels, fp32.input_size, fp32.exporter)
 
@@ -135,7 +142,7 @@ def test_int8_and_fp16_serve_without_flags_and_score_as_the_gate_did(repo, digit
         # The server's OpenCV preprocessing equals the MindSpore pipeline the gate scored with.
         assert abs(top1[precision] - gate["top1"]) <= one_image + 1e-9, (precision, top1, gate)
         assert abs(top1["fp32"] - gate["top1_fp32"]) <= one_image + 1e-9
-        assert 100 * (top1["fp32"] - top1[precision]) <= DEFAULT_MAX_DROP + 100 * one_image
+        assert 100 * (top1["fp32"] - top1[precision]) <= FIXTURE_MAX_DROP + 100 * one_image
 
     with grpc.insecure_channel(server.address) as channel:
         kserve = pb_grpc.GRPCInferenceServiceStub(channel)
