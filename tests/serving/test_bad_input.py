@@ -650,7 +650,10 @@ def test_bad_input_gets_its_status_and_message(corpus_server, case: Case) -> Non
     assert len(outcome.message) <= 1100  # bounded, whatever the client sent
     if case.answers:
         assert outcome.answers == case.answers
-    assert time.monotonic() - started < 10  # refused from headers and counts, never by decoding it
+    # Refused from headers and counts, never by decoding it: the slowest case answers in 0.2 s here
+    # (sending 3.7 MiB included), so 10 s is 50x that for a loaded machine. Decoding is caught by
+    # the message above as much as by the time (each refusal names a limit read from the headers).
+    assert time.monotonic() - started < 10
     assert server.proc is not None and server.proc.poll() is None
 
 

@@ -42,7 +42,7 @@ def stats(stub) -> pb.ModelStatistics:
 def test_concurrent_requests_run_in_batches_and_a_lone_one_waits_at_most_the_delay(
     start_server, onnx_repo, digit_images
 ) -> None:
-    delay_s = 0.1
+    delay_s = 0.3
     server = start_server(onnx_repo, max_batch_size=16, max_queue_delay_us=int(delay_s * 1e6))
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -60,8 +60,13 @@ def test_concurrent_requests_run_in_batches_and_a_lone_one_waits_at_most_the_del
         lone = stats(stub)
         queued_s = (lone.inference_stats.queue.ns - after_burst.inference_stats.queue.ns) / 1e9
         assert lone.inference_stats.queue.count - after_burst.inference_stats.queue.count == 1
-        assert queued_s <= delay_s + 0.05  # the wait ends at max_queue_delay, not later
-        assert elapsed < delay_s + 1.0  # loose: delay + decode + compute + RPC on a shared machine
+        # The wait ends at max_queue_delay, not later (the batcher's own rule is checked exactly on
+        # a fake clock in test_batcher). Here it is real time: a wait counted wrongly lasts a
+        # second delay or more (>= 0.6 s); 0.45 s leaves 150 ms of scheduling lag on a busy machine.
+        assert queued_s <= 1.5 * delay_s
+        # The whole call: delay + decode + compute + RPC, milliseconds beyond the delay here; a
+        # request left waiting for company would take the call's 30 s deadline.
+        assert elapsed < delay_s + 5.0
 
 
 def test_full_queue_fails_fast_with_resource_exhausted(start_server, onnx_repo, digit_images) -> None:

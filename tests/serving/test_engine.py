@@ -384,6 +384,8 @@ def test_a_hung_instance_is_replaced_while_the_other_serves(registered, one_mode
             with pytest.raises(grpc.RpcError) as info:
                 first.result()
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        # The 1 s execution timeout, not the call's own 30 s deadline (which would be
+        # DEADLINE_EXCEEDED): 20 s leaves 19 s for a loaded machine and still tells the two apart.
         assert "execution_timeout_s 1 s" in info.value.details() and time.monotonic() - start < 20
         assert all(np.array_equal(s, served[0]) for s in served)
         _wait(lambda: server.metric("hrnet_instance_replacements_total", model="hrnet") == 1)

@@ -81,6 +81,8 @@ def test_garbage_after_good_stream_requests_answers_them_then_ends_the_call(
     with pytest.raises(grpc.RpcError) as info:
         for raw in raw_stream(channel, path)(iter([good(), good(), GARBAGE, good()]), timeout=20):
             answers.append(parse.FromString(raw))
+    # Milliseconds here; the hang this guards against ends only at the call's 20 s deadline (and
+    # as DEADLINE_EXCEEDED, which the code check below also catches): 10 s sits between the two.
     assert time.monotonic() - started < 10
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "malformed request" in info.value.details()

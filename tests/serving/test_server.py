@@ -294,15 +294,20 @@ def test_64_concurrent_callers_get_their_own_results(
     assert len({round(float(v), 6) for v in expected[:, 0]}) > 32  # the images really differ
     health = health_pb2_grpc.HealthStub(channel)
     before = kserve.ModelStatistics(pb.ModelStatisticsRequest(name="hrnet")).model_stats[0]
-    health_latencies: list[float] = []
+    health_answers: list[int] = []
+    health_errors: list[BaseException] = []
     stop = threading.Event()
 
-    def probe_health() -> None:
+    def probe_health() -> None:  # errors are kept: an assertion in a thread would not fail the test
         while not stop.is_set():
-            start = time.monotonic()
-            assert health.Check(health_pb2.HealthCheckRequest(service="hrnet"), timeout=5).status == 1
-            health_latencies.append(time.monotonic() - start)
-            time.sleep(0.02)
+            try:
+                health_answers.append(
+                    health.Check(health_pb2.HealthCheckRequest(service="hrnet"), timeout=5).status
+                )
+            except BaseException as exc:
+                health_errors.append(exc)
+                return
+            time.sleep(0.02)  # the probe's pace, not a wait for anything
 
     prober = threading.Thread(target=probe_health)
     prober.start()
@@ -318,5 +323,11 @@ def test_64_concurrent_callers_get_their_own_results(
         np.testing.assert_allclose(got[0], expected[i], rtol=1e-4, atol=1e-5)
     after = kserve.ModelStatistics(pb.ModelStatisticsRequest(name="hrnet")).model_stats[0]
     assert after.inference_count - before.inference_count == 64
-    assert after.execution_count - before.execution_count < 64  # some were batched together
-    assert health_latencies and max(health_latencies) < 2.0  # health answered throughout the load
+    # Some were batched together: 64 callers at once against one instance, whose every batch
+    # computes while the others arrive; for none to share a batch, each would have to be answered
+    # before the next caller's request arrived, on any machine.
+    assert after.execution_count - before.execution_count < 64
+    # Health answered SERVING throughout the load, each check within its 5 s deadline (the load
+    # itself takes well under a second here): no latency threshold of our own.
+    assert not health_errors, health_errors
+    assert health_answers and set(health_answers) == {health_pb2.HealthCheckResponse.SERVING}
