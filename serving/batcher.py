@@ -32,6 +32,7 @@ times on the injectable `clock` (time.monotonic).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import heapq
@@ -40,8 +41,8 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -117,25 +118,63 @@ class _State(enum.Enum):
     DROPPED = 3
 
 
-@dataclass(eq=False)
+# What a request handed over with `Batcher.put` is told when it ends: the task, its outputs (None
+# on failure) and the error (None on success; asyncio.CancelledError when dropped unasked).
+OnDone = Callable[["_Task", np.ndarray | None, BaseException | None], None]
+
+
+@dataclass(eq=False, slots=True)
 class _Task:
+    """One queued request (or chunk of one). Its end goes to `future` (`submit`, awaited) or to
+    `on_done` (`put`, for callers that keep no coroutine per request); `ref` is the caller's."""
+
     items: np.ndarray
-    future: asyncio.Future[np.ndarray]
     enqueued: float
     deadline: float | None
+    future: asyncio.Future[np.ndarray] | None = None
+    on_done: OnDone | None = None
+    ref: Any = None
     on_run: Callable[[RunTiming], None] | None = None
     state: _State = _State.QUEUED
+    finished: bool = False
+    size: int = 0  # rows of `items`, set on creation
 
-    @property
-    def size(self) -> int:
-        return int(self.items.shape[0])
+    def __post_init__(self) -> None:
+        self.size = len(self.items)
+
+    def finish(self, outputs: np.ndarray | None, error: BaseException | None) -> None:
+        """Resolve once; later calls do nothing."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.future is not None:
+            if self.future.done():
+                return
+            if error is None:
+                self.future.set_result(outputs)  # type: ignore[arg-type]
+            elif isinstance(error, asyncio.CancelledError):
+                self.future.cancel()
+            else:
+                self.future.set_exception(error)
+        elif self.on_done is not None:
+            self.on_done(self, outputs, error)
 
 
-@dataclass(order=True)
-class _Entry:
-    priority: int
-    seq: int
-    task: _Task = field(compare=False)
+# Queue entries: (priority, arrival number, task), compared as tuples (in C: the heap is hot).
+_Entry = tuple[int, int, _Task]
+
+
+@dataclass(eq=False, slots=True)
+class _Job:
+    """One batch on one instance."""
+
+    runner: Runner
+    tasks: list[_Task]
+    size: int  # images
+    rows: int  # padded to
+    start: float
+    timer: asyncio.TimerHandle | None = None  # execution_timeout_s
+    over: bool = False  # answered (done, timed out or failed at shutdown): later news is ignored
 
 
 class Batcher:
@@ -168,15 +207,16 @@ class Batcher:
         self._heap: list[_Entry] = []
         self._seq = itertools.count()
         self._queued_images = 0
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: set[_Job] = set()
         self._closing = False
         self._last_arrival: float | None = None
         self._mean_gap: float | None = None  # smoothed seconds between requests
-        # asyncio primitives belong to the running loop: made in start().
-        self._arrival: asyncio.Event | None = None
-        self._free: asyncio.Queue[tuple[Runner, float]] | None = None  # with when it became free
+        self._free: collections.deque[tuple[Runner, float]] = collections.deque()  # with when it freed
+        self._timer: asyncio.TimerHandle | None = None  # the wait for company, while one runs
+        self._kick_scheduled = False
+        # Bound to the running loop: made in start().
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: asyncio.Event | None = None
-        self._scheduler: asyncio.Task[None] | None = None
 
     @property
     def queued_images(self) -> int:
@@ -188,13 +228,26 @@ class Batcher:
         return list(self._runners)
 
     async def start(self) -> None:
-        self._arrival = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._free = asyncio.Queue()
         for runner in self._runners:
             self._release(runner)
-        self._scheduler = asyncio.create_task(self._schedule(), name="batcher")
+
+    def admit(self, n: int, reserved: int = 0) -> None:
+        """The queue rule, the one place it lives: `n` more images fit beside those queued and
+        `reserved` (admitted by the caller, still being decoded); InvalidArgument for a request no
+        queue could hold, QueueFull for one that does not fit now, Unavailable when closing."""
+        if self._loop is None or self._closing:
+            raise Unavailable("the server is shutting down and accepts no new work")
+        limit = self.config.max_queue_size
+        if n > limit:  # could never be queued: the request, not the load, is wrong
+            raise InvalidArgument(
+                f"a request of {n} images exceeds max_queue_size {limit}; send fewer per request"
+            )
+        waiting = self._queued_images + reserved
+        if waiting + n > limit:
+            raise QueueFull(waiting, n, limit)
 
     async def submit(
         self,
@@ -210,23 +263,19 @@ class Batcher:
         into chunks that batch independently, and their outputs are merged back. `on_run` is
         called with each computed chunk's timings.
         """
-        if self._scheduler is None or self._closing:
-            raise Unavailable("the server is shutting down and accepts no new work")
         n = int(items.shape[0]) if items.ndim else 0
         if n < 1:
             raise InvalidArgument(f"a request needs at least one item, got shape {list(items.shape)}")
-        if n > self.config.max_queue_size:  # could never be queued: the request, not the load, is wrong
-            raise InvalidArgument(
-                f"a request of {n} items exceeds max_queue_size {self.config.max_queue_size}; "
-                "send fewer per request"
-            )
-        if self._queued_images + n > self.config.max_queue_size:
-            raise QueueFull(self._queued_images, n, self.config.max_queue_size)
+        self.admit(n)
         now = self._clock()
         self._note_arrival(now)
         step = self.config.max_batch_size
+        loop = asyncio.get_running_loop()
         tasks = [
-            self._enqueue(items[i : i + step], now, deadline, priority, on_run) for i in range(0, n, step)
+            self._enqueue(
+                _Task(items[i : i + step], now, deadline, loop.create_future(), on_run=on_run), priority
+            )
+            for i in range(0, n, step)
         ]
         try:
             outputs = [await self._wait(task) for task in tasks]
@@ -236,6 +285,26 @@ class Batcher:
             await self._until_released(tasks)
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
+    def put(
+        self, items: np.ndarray, deadline: float | None, priority: int, on_done: OnDone, ref: Any = None
+    ) -> _Task:
+        """Queue `items` (N <= max_batch_size rows, admitted with `admit`) without a coroutine:
+        `on_done(task, outputs, error)` runs on the loop when it ends, after its batch has read
+        `items`. `withdraw` takes it back while it is still queued."""
+        if not 1 <= len(items) <= self.config.max_batch_size:
+            raise ValueError(f"put takes 1..max_batch_size rows, got {len(items)}")
+        now = self._clock()
+        self._note_arrival(now)
+        return self._enqueue(_Task(items, now, deadline, on_done=on_done, ref=ref), priority)
+
+    def withdraw(self, task: _Task, expired: bool) -> None:
+        """A `put` request's deadline passed (DEADLINE_EXCEEDED) or its caller left (cancelled):
+        dropped if still queued; a running one finishes and is answered as usual."""
+        if expired:
+            self._drop(task, "expired", DeadlineExceeded(self._clock() - task.enqueued))
+        else:
+            self._drop(task, "cancelled", None)
+
     @staticmethod
     async def _until_released(tasks: list[_Task]) -> None:
         """Wait out the batches still reading these tasks' items (their caller was cancelled).
@@ -243,29 +312,27 @@ class Batcher:
         So `submit` never returns while a batch reads `items`: callers may reuse the memory at
         once (a front end's shared-memory slot), cancelled or not.
         """
-        running = [t.future for t in tasks if t.state is _State.RUNNING and not t.future.done()]
+        running = [t.future for t in tasks if t.state is _State.RUNNING and t.future and not t.future.done()]
         if running:
             await asyncio.wait(running)
             for future in running:
                 if not future.cancelled():
                     future.exception()  # seen: the caller is gone, nobody else will look
 
-    def _enqueue(
-        self,
-        items: np.ndarray,
-        now: float,
-        deadline: float | None,
-        priority: int,
-        on_run: Callable[[RunTiming], None] | None,
-    ) -> _Task:
-        loop = asyncio.get_running_loop()
-        task = _Task(items=items, future=loop.create_future(), enqueued=now, deadline=deadline, on_run=on_run)
-        heapq.heappush(self._heap, _Entry(priority, next(self._seq), task))
+    def _enqueue(self, task: _Task, priority: int) -> _Task:
+        heapq.heappush(self._heap, (priority, next(self._seq), task))
         self._queued_images += task.size
-        assert self._arrival is not None and self._idle is not None
+        assert self._idle is not None
         self._idle.clear()
-        self._arrival.set()
+        self._kick_soon()
         return task
+
+    def _kick_soon(self) -> None:
+        """Decide at the end of this loop turn, once every request that arrived in it is queued (a
+        front end's frame brings several): deciding at the first would send it alone."""
+        if not self._kick_scheduled and self._loop is not None:
+            self._kick_scheduled = True
+            self._loop.call_soon(self._kick)
 
     async def _wait(self, task: _Task) -> np.ndarray:
         # Shielded: a cancelled caller must not cancel a running task's future, which resolves
@@ -291,35 +358,15 @@ class Batcher:
             return
         task.state = _State.DROPPED
         self._queued_images -= task.size
-        if not task.future.done():
-            if error is None:
-                task.future.cancel()
-            else:
-                task.future.set_exception(error)
+        task.finish(None, error or asyncio.CancelledError())
         if self._listener:
             self._listener.dropped(task.size, reason)
-
-    async def _schedule(self) -> None:
-        assert self._free is not None
-        while True:
-            runner, freed = await self._free.get()
-            tasks = await self._next_batch(freed)
-            job = asyncio.create_task(self._execute(runner, tasks))
-            self._running.add(job)
-            assert self._idle is not None
-            self._idle.clear()
-            job.add_done_callback(self._job_done)
-
-    def _job_done(self, job: asyncio.Task[None]) -> None:
-        self._running.discard(job)
-        if not self._running and not self._queued_images and self._idle is not None:
-            self._idle.set()
 
     def _head(self) -> _Task | None:
         """The next live task, discarding dropped ones and failing expired ones."""
         now = self._clock()
         while self._heap:
-            task = self._heap[0].task
+            task = self._heap[0][2]
             if task.state is _State.QUEUED and task.deadline is not None and now >= task.deadline:
                 self._drop(task, "expired", DeadlineExceeded(now - task.enqueued))
             if task.state is _State.QUEUED:
@@ -329,29 +376,37 @@ class Batcher:
 
     def _release(self, runner: Runner) -> None:
         """`runner` is free to take the next batch, as of now."""
-        assert self._free is not None
-        self._free.put_nowait((runner, self._clock()))
+        self._free.append((runner, self._clock()))
+        self._kick_soon()
 
-    async def _next_batch(self, freed: float) -> list[_Task]:
-        """The next batch for an instance free since `freed` (see the module's docstring)."""
-        assert self._arrival is not None
+    def _kick(self) -> None:
+        """Give every free instance its next batch, or wait for company (see the module docstring):
+        a timer then calls this again, as does every arrival and every instance freed meanwhile."""
+        self._kick_scheduled = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         cfg = self.config
         target = max(cfg.preferred_batch_sizes, default=cfg.max_batch_size)
-        while True:
-            self._arrival.clear()
+        while self._free:
             head = self._head()
             if head is None:
-                if self._idle is not None and not self._running:
-                    self._idle.set()
-                await self._arrival.wait()
-                continue
+                break
+            runner, freed = self._free[0]
             wait_until = max(head.enqueued, freed) + cfg.max_queue_delay_us / 1e6
-            wait_s = wait_until - self._clock()
+            now = self._clock()
             full = self._queued_images >= target
-            if full or wait_s <= 0 or self._closing or self._no_company_expected(wait_until):
-                return self._take()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrival.wait(), timeout=wait_s)
+            if not (full or wait_until <= now or self._closing or self._no_company_expected(wait_until)):
+                assert self._loop is not None
+                self._timer = self._loop.call_later(wait_until - now, self._kick)
+                break
+            self._free.popleft()
+            self._dispatch(runner, self._take())
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if self._idle is not None and not self._running and not self._queued_images:
+            self._idle.set()
 
     def _note_arrival(self, now: float) -> None:
         """Track the recent gap between requests (smoothed; idle periods count as 2x the delay)."""
@@ -394,85 +449,96 @@ class Batcher:
         """The bucket a batch of `size` images is padded up to (itself without buckets)."""
         return next((b for b in self._buckets if b >= size), size)
 
-    async def _execute(self, runner: Runner, tasks: list[_Task]) -> None:
-        keep = True  # whether `runner` goes back to serving afterwards
+    def _dispatch(self, runner: Runner, tasks: list[_Task]) -> None:
+        """Hand `tasks` to `runner`; `_completed` runs on the loop when it is done, `_timed_out` if
+        it takes longer than execution_timeout_s."""
+        assert self._loop is not None
+        start = self._clock()
+        size = sum(t.size for t in tasks)
+        job = _Job(runner, tasks, size, self._rows(size), start)
+        self._running.add(job)
         try:
-            tasks = [t for t in tasks if not t.future.done()]  # cancelled after being taken
-            if not tasks:
-                return
-            start = self._clock()
-            size = sum(t.size for t in tasks)
-            rows = self._rows(size)
-            ok = False
-            compute_started = self._clock()
-            try:
-                outputs = await asyncio.wait_for(
-                    asyncio.wrap_future(runner.run([t.items for t in tasks], rows)), self._timeout_s or None
-                )
-                if outputs.shape[0] != size:
-                    raise InferenceFailed(
-                        f"the model returned {outputs.shape[0]} outputs for a batch of {size}"
-                    )
-                ok = True
-            except TimeoutError:
-                log.error(
-                    "batch of %d ran past execution_timeout_s %g s: replacing its instance",
-                    size,
-                    self._timeout_s,
-                )
-                keep = False
-                self._fail(tasks, ExecutionTimeout(self._timeout_s))
-                self._replace(runner)
-            except Exception as exc:
-                log.exception("batch of %d failed", size)
-                self._fail(
-                    tasks,
-                    exc if isinstance(exc, InferenceFailed) else InferenceFailed(f"inference failed: {exc}"),
-                )
-            compute_ended = self._clock()
-            compute_s = compute_ended - start
-            if ok:
-                offset = 0
-                for task in tasks:
-                    if not task.future.done():
-                        task.future.set_result(outputs[offset : offset + task.size])
-                    offset += task.size
-                finished = self._clock()
-                for task in tasks:
-                    if task.on_run:
-                        task.on_run(
-                            RunTiming(
-                                task.enqueued,
-                                start,
-                                compute_started,
-                                compute_ended,
-                                finished,
-                                size,
-                                len(tasks),
-                            )
+            future = runner.run([t.items for t in tasks], job.rows)
+        except Exception as exc:  # a runner that cannot even take the batch
+            future = Future()
+            future.set_exception(exc)
+        if self._timeout_s:
+            job.timer = self._loop.call_later(self._timeout_s, self._timed_out, job)
+        loop = self._loop
+
+        def computed(done: Future) -> None:  # on the instance's thread
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting any more
+                loop.call_soon_threadsafe(self._completed, job, done)
+
+        future.add_done_callback(computed)
+
+    def _completed(self, job: _Job, future: Future) -> None:
+        if job.over:  # timed out, or failed at shutdown, before the instance answered
+            return
+        job.over = True
+        self._running.discard(job)
+        if job.timer is not None:
+            job.timer.cancel()
+        compute_ended = self._clock()
+        tasks, size = job.tasks, job.size
+        ok = False
+        try:
+            outputs = future.result()
+            if outputs.shape[0] != size:
+                raise InferenceFailed(f"the model returned {outputs.shape[0]} outputs for a batch of {size}")
+            ok = True
+        except Exception as exc:
+            log.error("batch of %d failed", size, exc_info=exc)
+            self._fail(
+                tasks,
+                exc if isinstance(exc, InferenceFailed) else InferenceFailed(f"inference failed: {exc}"),
+            )
+        if ok:
+            offset = 0
+            for task in tasks:
+                task.finish(outputs[offset : offset + task.size], None)
+                offset += task.size
+            finished = self._clock()
+            for task in tasks:
+                if task.on_run:
+                    task.on_run(
+                        RunTiming(
+                            task.enqueued, job.start, job.start, compute_ended, finished, size, len(tasks)
                         )
-            if self._listener:
-                self._listener.batch_done(
-                    BatchRecord(
-                        size=size,
-                        padding=rows - size,
-                        requests=len(tasks),
-                        queue_s=tuple(start - t.enqueued for t in tasks),
-                        compute_s=compute_s,
-                        ok=ok,
                     )
+        self._batch_done(job, compute_ended - job.start, ok)
+        self._release(job.runner)
+
+    def _timed_out(self, job: _Job) -> None:
+        if job.over:
+            return
+        job.over = True
+        self._running.discard(job)
+        log.error(
+            "batch of %d ran past execution_timeout_s %g s: replacing its instance", job.size, self._timeout_s
+        )
+        self._fail(job.tasks, ExecutionTimeout(self._timeout_s))
+        self._batch_done(job, self._clock() - job.start, False)
+        self._replace(job.runner)
+        self._check_idle()
+
+    def _batch_done(self, job: _Job, compute_s: float, ok: bool) -> None:
+        if self._listener:
+            self._listener.batch_done(
+                BatchRecord(
+                    size=job.size,
+                    padding=job.rows - job.size,
+                    requests=len(job.tasks),
+                    queue_s=tuple(job.start - t.enqueued for t in job.tasks),
+                    compute_s=compute_s,
+                    ok=ok,
                 )
-        finally:
-            # cancelled mid-batch at shutdown: still answer every caller
-            self._fail(tasks, Unavailable("the server shut down while this request ran"))
-            if keep:
-                self._release(runner)
+            )
 
     @staticmethod
     def _fail(tasks: list[_Task], error: Exception) -> None:
         for task in tasks:
-            if not task.future.done():
-                task.future.set_exception(error)
+            task.finish(None, error)
 
     def _replace(self, runner: Runner) -> None:
         """Retire a hung instance (it closes when its call returns, if ever) and bring up a fresh
@@ -509,19 +575,24 @@ class Batcher:
         """
         self._closing = True
         drained = True
-        if self._scheduler is not None and self._idle is not None and self._arrival is not None:
-            self._arrival.set()  # flush: no more waiting for stragglers
+        if self._loop is not None and self._idle is not None:
+            self._kick()  # flush: no more waiting for stragglers
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
             except TimeoutError:
                 drained = False
-            self._scheduler.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
             gone = Unavailable("the server shut down before this request ran")
-            for entry in self._heap:
-                self._drop(entry.task, "shutdown", gone)
+            for _, _, task in self._heap:
+                self._drop(task, "shutdown", gone)
             self._heap.clear()
-            for job in list(self._running):
-                job.cancel()
+            for job in list(self._running):  # their instances answer into the void
+                job.over = True
+                if job.timer is not None:
+                    job.timer.cancel()
+                self._fail(job.tasks, Unavailable("the server shut down while this request ran"))
+            self._running.clear()
         for task in list(self._replacing):
             task.cancel()
         return drained

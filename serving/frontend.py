@@ -4,9 +4,10 @@ With `--workers N` (N > 1) the server is N of these on one port (SO_REUSEPORT: t
 spreads connections over them) plus the process that owns the models (serving/supervisor.py).
 A front end serves the inference RPCs itself: it decodes the request, checks it against the
 model and converts or decodes the input straight into a block of its shared arena
-(serving/ipc.py), then sends the owner a small message naming the block. The owner runs it
-through `DataPlane.infer`, so batching stays global per model, and writes the logits back
-into the block. Every other RPC (health, readiness, metadata, config, statistics, shared-memory
+(serving/ipc.py), then hands the owner a fixed-size record naming the block, sent with the
+others of the same loop turn in one write. The owner queues it on the model's batcher as it is
+(checked once, here), so batching stays global per model, and writes the logits back into the
+block. Every other RPC (health, readiness, metadata, config, statistics, shared-memory
 registration) is forwarded to the owner over a private Unix socket: one process answers them,
 so there is one truth about readiness and statistics. A front end follows the owner: it loads
 its catalog of models and shared-memory regions from it, drains and stops when told, and
@@ -35,7 +36,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from protos import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2
-from serving import auth
+from serving import auth, ipc
 from serving.classifier import ClassifierServicer
 from serving.config import ServerConfig
 from serving.errors import (
@@ -68,6 +69,7 @@ LOCAL = frozenset(
 )
 # Call metadata that belongs to the hop, not to the call: not forwarded.
 HOP_HEADERS = frozenset({"user-agent", "content-type", "te", "host"})
+NO_DEADLINE = float("nan")
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,8 @@ class FrontPlane:
         self._draining = False
         self._models: dict[str, dict[str, ModelView]] = {}
         self._preprocessors: dict[tuple[str, str], ImagePreprocessor] = {}
-        self._pending: dict[int, asyncio.Future[tuple[Any, ...]]] = {}
+        # request id -> (its answer: None or (code, message), its block); freed on the answer
+        self._pending: dict[int, tuple[asyncio.Future[tuple[str, str] | None], Block]] = {}
         self._ids = itertools.count()
         self._preparing = 0
         self._prepared = asyncio.Event()
@@ -127,19 +130,19 @@ class FrontPlane:
         arrived = time.monotonic()
         self._preparing += 1
         try:
-            block, tensor = await self._prepare(model, payload)
+            block, rows = await self._prepare(model, payload)
         except BaseException as exc:  # counted where the statistics live, as DataPlane counts it
             code = exc.code if isinstance(exc, ServingError) else "INTERNAL"
             code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else code
-            self.link.send(("failed", model.name, model.version, code, time.monotonic() - arrived))
+            self.link.send(ipc.Refused(model.name, model.version, code, time.monotonic() - arrived))
             raise
         finally:
             self._preparing -= 1
             if not self._preparing:
                 self._prepared.set()
-        return await self._submit(model, block, tensor.shape, deadline, priority, arrived)
+        return await self._submit(model, block, rows, deadline, priority, arrived)
 
-    async def _prepare(self, model: ModelView, payload: InferInput) -> tuple[Block, np.ndarray]:
+    async def _prepare(self, model: ModelView, payload: InferInput) -> tuple[Block, int]:
         size = model.spec.input_size
         rows = check_input(model.name, model.input, size, payload)
         shape = (rows, 3, size, size)
@@ -165,13 +168,13 @@ class FrontPlane:
         except BaseException:
             self.allocator.free(block.offset, block.nbytes)
             raise
-        return block, tensor
+        return block, rows
 
     async def _submit(
         self,
         model: ModelView,
         block: Block,
-        shape: tuple[int, ...],
+        rows: int,
         deadline: float | None,
         priority: int,
         arrived: float,
@@ -180,51 +183,60 @@ class FrontPlane:
             self.allocator.free(block.offset, block.nbytes)
             raise Unavailable("the server's model process is gone")
         request_id = next(self._ids)
-        answer = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = answer
-        self.link.send(
-            (
-                "infer",
-                request_id,
-                model.name,
-                model.version,
-                block.offset,
-                shape,
-                model.input.dtype.str,
-                block.output_offset,
-                deadline,
-                priority,
-                arrived,
-            )
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[tuple[str, str] | None] = loop.create_future()
+        self._pending[request_id] = (answer, block)
+        record = (request_id, model.slot, rows, block.offset, block.output_offset)
+        self.link.add(
+            ipc.Kind.SUBMIT, (*record, NO_DEADLINE if deadline is None else deadline, priority, arrived)
         )
+        timer = None if deadline is None else loop.call_at(deadline, self._withdraw, request_id, True)
         try:
-            reply = await asyncio.shield(answer)
+            error = await answer
         except asyncio.CancelledError:
-            # The owner may still be reading the block: it is freed only when the owner answers.
-            self.link.send(("cancel", request_id))
-            answer.add_done_callback(lambda _: self.allocator.free(block.offset, block.nbytes))
+            # The owner may still be reading the block: it is freed when the owner answers.
+            if request_id in self._pending:
+                self._withdraw(request_id, False)
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         try:
-            if reply[0] == "done":
-                return self.arena.array(block.output_offset, reply[2], np.float32).copy()
-            code, message = reply[2:4] if reply[0] == "error" else ("CANCELLED", "cancelled by the server")
-            raise Relayed(code, message)
+            if error is not None:
+                raise Relayed(*error)
+            return self.arena.array(block.output_offset, (rows, model.num_classes), np.float32).copy()
         finally:
             self.allocator.free(block.offset, block.nbytes)
 
-    def answer(self, reply: tuple[Any, ...]) -> None:
-        """The owner's answer: ("done", id, shape), ("error", id, code, message) or ("cancelled", id)."""
-        future = self._pending.pop(reply[1], None)
-        if future is not None and not future.done():
-            future.set_result(reply)
+    def _withdraw(self, request_id: int, expired: bool) -> None:
+        """Tell the owner a request's deadline passed or its caller left; its answer still comes."""
+        if request_id in self._pending:
+            self.link.add(ipc.Kind.CANCEL, (request_id, expired))
+
+    def on_records(self, kind: ipc.Kind, records: np.ndarray) -> None:
+        """The owner's DONE ids: their logits are in their blocks."""
+        if kind == ipc.Kind.DONE:
+            for request_id in records.tolist():
+                self._answer(request_id, None)
+
+    def failed(self, message: ipc.Failed) -> None:
+        for request_id, code, text in message.answers:
+            self._answer(request_id, (code, text))
+
+    def _answer(self, request_id: int, error: tuple[str, str] | None) -> None:
+        entry = self._pending.pop(request_id, None)
+        if entry is None:
+            return
+        answer, block = entry
+        if answer.done():  # its caller left: nobody reads the block any more
+            self.allocator.free(block.offset, block.nbytes)
+        else:
+            answer.set_result(error)
 
     def owner_lost(self) -> None:
         self.accepting = False
-        gone = ("error", -1, "UNAVAILABLE", "the server's model process is gone")
-        for future in self._pending.values():
-            if not future.done():
-                future.set_result(gone)
-        self._pending.clear()
+        for request_id in list(self._pending):
+            self._answer(request_id, ("UNAVAILABLE", "the server's model process is gone"))
 
     async def drain(self) -> None:
         """Refuse new requests; return once every accepted one has been handed to the owner."""
@@ -330,21 +342,30 @@ class FrontEnd:
         self.index = index
         self._link_fd = link_fd
         self._arena_fd = arena_fd
-        self._first: asyncio.Future[tuple[Any, ...]] | None = None
+        self._first: asyncio.Future[ipc.Configure] | None = None
         self._stop: asyncio.Future[float] | None = None
         self.plane: FrontPlane | None = None
         self.regions: SharedMemoryRegistry | None = None
         self._guard: CallGuard | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self._guard = CallGuard()
         self._first, self._stop = loop.create_future(), loop.create_future()
-        link = await open_link(socket.socket(fileno=self._link_fd), self._on_message, self._on_lost)
+        link = await open_link(
+            socket.socket(fileno=self._link_fd), self._on_records, self._on_control, self._on_lost
+        )
         try:
-            _, config, owner_address, port, arena_size = await self._first
+            first = await self._first
         except ConnectionError:
             return 1
+        config, owner_address, port, arena_size = (
+            first.config,
+            first.owner_address,
+            first.port,
+            first.arena_size,
+        )
         configure(config.log_format, config.log_level)
         for handler in logging.getLogger().handlers:
             handler.addFilter(self._tag)
@@ -361,10 +382,11 @@ class FrontEnd:
             else:
                 reason = "in use or not permitted"
             if not bound:
-                link.send(("failed_start", f"cannot listen on {config.host}:{port} ({reason})"))
+                link.send(ipc.StartFailed(f"cannot listen on {config.host}:{port} ({reason})"))
+                link.flush()
                 return 2
             await server.start()
-            link.send(("listening",))
+            link.send(ipc.Listening())
             grace_s = await self._stop
             # As the owner does (serving.rpc.exit_now): answer what was accepted, then leave without
             # gRPC's shutdown, whose race cancels the calls that reach it meanwhile.
@@ -393,31 +415,52 @@ class FrontEnd:
         server.add_generic_rpc_handlers([Forwarder(owner)])
         return server
 
-    def _on_message(self, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "config":
-            assert self._first is not None
-            self._first.set_result(message)
-        elif kind in ("done", "error", "cancelled"):
-            assert self.plane is not None
-            self.plane.answer(message)
-        elif kind == "models":
-            assert self.plane is not None
-            self.plane.set_models(message[2])
-            self.plane.link.send(("ack", message[1]))
-        elif kind == "regions":
-            assert self.regions is not None and self.plane is not None
-            self.regions.mirror([RegionInfo(*info) for info in message[2]])
-            self.plane.link.send(("ack", message[1]))
-        elif kind == "drain":
-            asyncio.get_running_loop().create_task(self._drain(message[1]))
-        elif kind == "stop" and self._stop is not None and not self._stop.done():
-            self._stop.set_result(message[1])
-
-    async def _drain(self, seq: int) -> None:
+    def _on_records(self, kind: ipc.Kind, records: np.ndarray) -> None:
         assert self.plane is not None
-        await self.plane.drain()
-        self.plane.link.send(("ack", seq))
+        self.plane.on_records(kind, records)
+
+    def _on_control(self, message: Any) -> None:
+        handler = {
+            ipc.Configure: self._configure,
+            ipc.Failed: self._failed,
+            ipc.Catalog: self._catalog,
+            ipc.Regions: self._regions,
+            ipc.Drain: self._drain,
+            ipc.Stop: self._stopped,
+        }[type(message)]
+        handler(message)
+
+    def _configure(self, message: ipc.Configure) -> None:
+        assert self._first is not None
+        self._first.set_result(message)
+
+    def _failed(self, message: ipc.Failed) -> None:
+        assert self.plane is not None
+        self.plane.failed(message)
+
+    def _catalog(self, message: ipc.Catalog) -> None:
+        assert self.plane is not None
+        self.plane.set_models(message.models)
+        self.plane.link.send(ipc.Ack(message.seq))
+
+    def _regions(self, message: ipc.Regions) -> None:
+        assert self.regions is not None and self.plane is not None
+        self.regions.mirror([RegionInfo(*info) for info in message.regions])
+        self.plane.link.send(ipc.Ack(message.seq))
+
+    def _drain(self, message: ipc.Drain) -> None:
+        async def drain() -> None:
+            assert self.plane is not None
+            await self.plane.drain()
+            self.plane.link.send(ipc.Ack(message.seq))
+
+        task = asyncio.get_running_loop().create_task(drain())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _stopped(self, message: ipc.Stop) -> None:
+        if self._stop is not None and not self._stop.done():
+            self._stop.set_result(message.grace_s)
 
     def _on_lost(self) -> None:
         """The owner is gone (it exited or died): nothing can be answered; stop at once."""

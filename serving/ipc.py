@@ -1,10 +1,18 @@
 """What a front-end process and the model owner share: one memory arena and one message link.
 
-The arena is a memfd both processes map. A front end writes a request's model input into a
-block of it; the owner reads the rows in place (the batcher copies them into its batch, nothing
-else does) and writes the logits back into the same block. Only small control messages travel
-over the link, a Unix socket pair: length-prefixed pickles of tuples, never tensor bytes. A
-memfd has no name, so nothing is left behind in /dev/shm whichever process dies.
+The arena is a memfd both processes map. A front end writes a request's checked model input into
+a block of it; the owner's batcher copies the rows from there into its batch and the owner writes
+the logits back into the same block. A memfd has no name, so nothing is left behind in /dev/shm
+whichever process dies.
+
+The link is a Unix socket pair carrying frames of four kinds. The hot path is records, not
+messages: a request is one fixed-size `SUBMIT` record (its id, model slot, rows, where its block
+is, deadline, priority, arrival), an answer one `DONE` id, a withdrawal one `CANCEL` record. Each
+side collects what it has to send during one turn of its event loop and writes it in one frame
+per run of a kind, so ten requests cost one write and one read, and the receiver decodes them
+with one `np.frombuffer`, no pickling per request. Everything rare (configuration, the model
+catalog, acknowledgements, error messages) is a `CONTROL` frame holding one of the small
+dataclasses below, pickled.
 """
 
 from __future__ import annotations
@@ -12,18 +20,122 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import enum
 import mmap
 import os
 import pickle
 import socket
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 ALIGN = 64  # block offsets: cache lines, and aligned for every dtype
-_LENGTH = struct.Struct("<I")
+_HEADER = struct.Struct("<IB")  # body length, kind
+
+
+class Kind(enum.IntEnum):
+    SUBMIT = 1  # front end -> owner: SUBMIT records
+    DONE = 2  # owner -> front end: ids whose logits are in their blocks
+    CANCEL = 3  # front end -> owner: CANCEL records
+    CONTROL = 4  # either way: one pickled message dataclass
+
+
+# A request handed to the owner. deadline: absolute time.monotonic() (the clock is system-wide),
+# NaN for none; its input is (rows, 3, S, S) of the model's input dtype at `offset`, its logits
+# go to `output`.
+SUBMIT = np.dtype(
+    [
+        ("id", "<u8"),
+        ("slot", "<u4"),
+        ("rows", "<u4"),
+        ("offset", "<u8"),
+        ("output", "<u8"),
+        ("deadline", "<f8"),
+        ("priority", "<u8"),
+        ("arrived", "<f8"),
+    ]
+)
+DONE = np.dtype("<u8")
+# expired: the request's deadline passed (DEADLINE_EXCEEDED if still queued); else its caller left.
+CANCEL = np.dtype([("id", "<u8"), ("expired", "u1")])
+RECORDS = {Kind.SUBMIT: SUBMIT, Kind.DONE: DONE, Kind.CANCEL: CANCEL}
+
+
+# --- control messages: owner -> front end ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Configure:
+    config: Any  # serving.config.ServerConfig
+    owner_address: str
+    port: int
+    arena_size: int
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The models a front end routes to (serving.service.ModelView), acknowledged with Ack(seq)."""
+
+    seq: int
+    models: list[Any]
+
+
+@dataclass(frozen=True)
+class Regions:
+    """The registered shared-memory regions, as (name, key, offset, byte_size); acknowledged."""
+
+    seq: int
+    regions: list[tuple[str, str, int, int]]
+
+
+@dataclass(frozen=True)
+class Drain:
+    """Take no new requests; acknowledge once every accepted one is handed over."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    grace_s: float
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Requests that end in an error (or were cancelled by the server): (id, status code, message)."""
+
+    answers: list[tuple[int, str, str]]
+
+
+# --- control messages: front end -> owner ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Listening:
+    pass
+
+
+@dataclass(frozen=True)
+class StartFailed:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Ack:
+    seq: int
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A request the front end refused before handing it over, for the model's statistics."""
+
+    model: str
+    version: str
+    code: str
+    seconds: float
 
 
 def aligned(nbytes: int) -> int:
@@ -45,7 +157,7 @@ class Arena:
         return cls(fd, size)
 
     def array(self, offset: int, shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
-        return np.ndarray(shape, np.dtype(dtype), buffer=self._map, offset=offset)
+        return np.ndarray(shape, dtype, buffer=self._map, offset=offset)
 
     def close(self) -> None:
         """Unmap and close, once: a second close must not hit a descriptor number reused since."""
@@ -92,14 +204,26 @@ class Allocator:
         return sum(length for _, length in self._free)
 
 
-class Link(asyncio.Protocol):
-    """Tuples both ways over a stream socket; `on_message` and `on_closed` run on the event loop."""
+RecordHandler = Callable[[Kind, np.ndarray], None]
 
-    def __init__(self, on_message: Callable[[tuple[Any, ...]], None], on_closed: Callable[[], None]) -> None:
-        self._on_message = on_message
+
+class Link(asyncio.Protocol):
+    """Records and control messages both ways over a stream socket, sent once per loop turn.
+
+    `on_records(kind, array)`, `on_control(message)` and `on_closed()` run on the event loop.
+    Order is kept: frames go out in the order their first item was added.
+    """
+
+    def __init__(
+        self, on_records: RecordHandler, on_control: Callable[[Any], None], on_closed: Callable[[], None]
+    ) -> None:
+        self._on_records = on_records
+        self._on_control = on_control
         self._on_closed = on_closed
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
+        self._outgoing: list[tuple[Kind, list[Any]]] = []  # (kind, records) or (CONTROL, [message])
+        self._flush_scheduled = False
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -109,28 +233,57 @@ class Link(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._buffer += data
         view, pos = memoryview(self._buffer), 0
-        messages = []
-        while len(view) - pos >= _LENGTH.size:
-            (length,) = _LENGTH.unpack_from(view, pos)
-            end = pos + _LENGTH.size + length
+        frames: list[tuple[int, bytes]] = []
+        while len(view) - pos >= _HEADER.size:
+            length, kind = _HEADER.unpack_from(view, pos)
+            end = pos + _HEADER.size + length
             if end > len(view):
                 break
-            messages.append(pickle.loads(view[pos + _LENGTH.size : end]))
+            frames.append((kind, bytes(view[pos + _HEADER.size : end])))
             pos = end
         view.release()
         del self._buffer[:pos]
-        for message in messages:
-            self._on_message(message)
+        for kind, body in frames:
+            if kind == Kind.CONTROL:
+                self._on_control(pickle.loads(body))
+            else:
+                self._on_records(Kind(kind), np.frombuffer(body, RECORDS[Kind(kind)]))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._on_closed()
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def add(self, kind: Kind, record: Any) -> None:
+        """Queue one record (a tuple of the kind's fields; an int for DONE) for this loop turn."""
+        if self._outgoing and self._outgoing[-1][0] == kind:
+            self._outgoing[-1][1].append(record)
+        else:
+            self._outgoing.append((kind, [record]))
+        self._schedule()
+
+    def send(self, message: Any) -> None:
+        """Queue one control message (a dataclass of this module) for this loop turn."""
+        self._outgoing.append((Kind.CONTROL, [message]))
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        outgoing, self._outgoing = self._outgoing, []
         if self.closed or self._transport is None or self._transport.is_closing():
             return
-        body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        self._transport.write(_LENGTH.pack(len(body)) + body)
+        chunks = []
+        for kind, items in outgoing:
+            if kind == Kind.CONTROL:
+                body = pickle.dumps(items[0], protocol=pickle.HIGHEST_PROTOCOL)
+            else:
+                body = np.array(items, RECORDS[kind]).tobytes()
+            chunks += [_HEADER.pack(len(body), kind), body]
+        self._transport.write(b"".join(chunks))
 
     def close(self) -> None:
         if self._transport is not None:
@@ -138,8 +291,11 @@ class Link(asyncio.Protocol):
 
 
 async def open_link(
-    sock: socket.socket, on_message: Callable[[tuple[Any, ...]], None], on_closed: Callable[[], None]
+    sock: socket.socket,
+    on_records: RecordHandler,
+    on_control: Callable[[Any], None],
+    on_closed: Callable[[], None],
 ) -> Link:
     loop = asyncio.get_running_loop()
-    _, link = await loop.create_unix_connection(lambda: Link(on_message, on_closed), sock=sock)
+    _, link = await loop.create_unix_connection(lambda: Link(on_records, on_control, on_closed), sock=sock)
     return link

@@ -106,13 +106,18 @@ class ServerMetrics:
             registry=r,
         )
 
-    def watch_queue(self, model: str, version: str, depth: Callable[[], float]) -> None:
+    def watch_queue(
+        self, model: str, version: str, depth: Callable[[], float], in_flight: Callable[[], float]
+    ) -> None:
+        """Queue depth and requests in flight, read when scraped: nothing to update per request."""
         self.queue_depth.labels(model, version).set_function(depth)
+        self.in_flight.labels(model, version).set_function(in_flight)
 
     def unwatch_queue(self, model: str, version: str) -> None:
-        """Forget an unloaded version's queue (the gauge's function holds its batcher)."""
-        with contextlib.suppress(KeyError):
-            self.queue_depth.remove(model, version)
+        """Forget an unloaded version's gauges (their functions hold its batcher and model)."""
+        for gauge in (self.queue_depth, self.in_flight):
+            with contextlib.suppress(KeyError):
+                gauge.remove(model, version)
 
     def app(self, ready: Callable[[], bool]) -> web.Application:
         """/metrics (Prometheus or OpenMetrics text, as the scraper asks), /healthz (the process

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -29,7 +30,7 @@ from serving.backends import Backend, TensorSpec, open_backend
 from serving.backends.instance import ModelInstance
 from serving.batcher import Batcher
 from serving.config import ModelConfig
-from serving.errors import InvalidArgument, ModelNotFound, QueueFull, ServingError, Unavailable
+from serving.errors import InvalidArgument, ModelNotFound, ServingError, Unavailable
 from serving.metrics import ServerMetrics
 from serving.preprocess import ImageError, ImagePreprocessor, PreprocessSpec, normalize
 from serving.repository import ModelSource, resolve_metadata
@@ -68,6 +69,7 @@ class ModelView:
 
     name: str
     version: str
+    slot: int  # the owner's number for this loaded model: what a front end's records name
     input: TensorSpec
     output: TensorSpec
     labels: list[str]
@@ -187,7 +189,8 @@ class LoadedModel:
     ready: bool = field(default=False)
     # Images admitted and being decoded or converted, not queued yet: they count against the queue.
     preparing: int = field(default=0)
-    active: int = field(default=0)  # requests inside DataPlane._run: what an unload waits for
+    active: int = field(default=0)  # requests accepted and not answered: what an unload waits for
+    slot: int = field(default=-1)  # set by DataPlane.add
 
     @property
     def name(self) -> str:
@@ -232,6 +235,7 @@ class LoadedModel:
         return ModelView(
             name=self.name,
             version=self.version,
+            slot=self.slot,
             input=self.input,
             output=self.output,
             labels=self.labels,
@@ -279,7 +283,7 @@ def load_model(
     preprocessor = ImagePreprocessor(spec, preprocess_workers, max_image_pixels, max_request_pixels)
     model = LoadedModel(source, first, metadata, batcher, preprocessor, stats, runtime, warmup_s)
     if metrics:
-        metrics.watch_queue(source.name, source.version, lambda: batcher.queued_images)
+        metrics.watch_queue(source.name, source.version, lambda: batcher.queued_images, lambda: model.active)
         metrics.model_info.labels(source.name, source.version, first.name, model.precision).set(1)
         metrics.warmup_seconds.labels(source.name, source.version).set(warmup_s)
     log.info(
@@ -388,18 +392,29 @@ class DataPlane:
         self.finished = 0  # inference requests answered so far, whatever the outcome
         # Why a model name is not served (a failed load, an unload): quoted by NOT_FOUND errors.
         self.reasons: dict[str, str] = {}
+        # Every model ever added, by slot (front ends name models by slot): (name, version), so a
+        # record for a version replaced since still reaches the version served under its name.
+        self._slots = itertools.count()
+        self._slot_keys: dict[int, tuple[str, str]] = {}
+        self._routed: dict[int, LoadedModel] = {}  # the slots routed to as they are
 
     async def add(self, model: LoadedModel) -> LoadedModel | None:
         """Start `model`'s batcher and route requests to it; the model it replaces, if any."""
         await model.batcher.start()
         model.ready = True
+        model.slot = next(self._slots)
+        self._slot_keys[model.slot] = (model.name, model.version)
         versions = self._models.setdefault(model.name, {})
         replaced = versions.get(model.version)
         versions[model.version] = model
+        self._routed[model.slot] = model
+        if replaced is not None:
+            self._routed.pop(replaced.slot, None)
         return replaced
 
     def remove(self, model: LoadedModel) -> None:
         """Route no new request to `model`; what it already accepted goes on (see `retire`)."""
+        self._routed.pop(model.slot, None)
         versions = self._models.get(model.name, {})
         if versions.get(model.version) is model:
             del versions[model.version]
@@ -452,6 +467,16 @@ class DataPlane:
         if not self.accepting:
             raise Unavailable("the server is starting or shutting down; retry")
         return resolve(self._models, name, version, self.reasons)
+
+    def by_slot(self, slot: int) -> LoadedModel:
+        """The model a front end's record names (see `get`), or the version that replaced it."""
+        model = self._routed.get(slot)
+        if model is not None and self.accepting:
+            return model
+        name, version = self._slot_keys.get(slot, ("", ""))
+        if not name:
+            raise Unavailable(f"no model was ever loaded in slot {slot}")
+        return self.get(name, version)
 
     def model_ready(self, name: str, version: str = "") -> bool:
         """KServe ModelReady: False for a model that is not served (never loaded, failed, unloaded);
@@ -517,7 +542,7 @@ class DataPlane:
 
         async def prepare() -> np.ndarray:
             count = check_input(model.name, model.input, model.metadata.input_size, payload)
-            self._admit(model, count)
+            model.batcher.admit(count, model.preparing)
             model.preparing += count
             try:
                 with self.tracing.span("decode"):
@@ -527,16 +552,82 @@ class DataPlane:
 
         return await self._run(model, prepare, deadline, priority, arrived)
 
-    @staticmethod
-    def _admit(model: LoadedModel, count: int) -> None:
-        limit = model.source.config.batching.max_queue_size
-        if count > limit:  # could never be queued: the request, not the load, is wrong
-            raise InvalidArgument(
-                f"a request of {count} images exceeds max_queue_size {limit}; send fewer per request"
+    def enqueue(
+        self,
+        model: LoadedModel,
+        items: np.ndarray,
+        deadline: float | None,
+        priority: int,
+        arrived: float,
+        on_done: Callable[[Any, np.ndarray | None, BaseException | None], None],
+        ref: Any,
+    ) -> Any:
+        """A request a front end already checked and converted (`items`, read in place), queued
+        with no coroutine of its own: `on_done(ref, logits, error)` runs when it ends. The owner
+        decides only what only it knows: whether the model takes requests and has queue room.
+        Returns a handle for `withdraw`."""
+        self._accepts(model)
+        rows = len(items)
+        model.batcher.admit(rows)
+        if rows > model.batcher.config.max_batch_size:  # chunked: the awaited path handles that
+            return asyncio.ensure_future(
+                self._chunked(model, items, deadline, priority, arrived, on_done, ref)
             )
-        waiting = model.batcher.queued_images + model.preparing
-        if waiting + count > limit:
-            raise QueueFull(waiting, count, limit)
+        self._begin(model)
+        return model.batcher.put(
+            items, deadline, priority or DEFAULT_PRIORITY, self._enqueued_done, (model, arrived, on_done, ref)
+        )
+
+    def _enqueued_done(self, task: Any, logits: np.ndarray | None, error: BaseException | None) -> None:
+        model, arrived, on_done, ref = task.ref
+        self._end(model, _code(error), arrived)
+        on_done(ref, logits, error)
+
+    async def _chunked(
+        self,
+        model: LoadedModel,
+        items: np.ndarray,
+        deadline: float | None,
+        priority: int,
+        arrived: float,
+        on_done: Callable[[Any, np.ndarray | None, BaseException | None], None],
+        ref: Any,
+    ) -> None:
+        async def prepare() -> np.ndarray:
+            return items
+
+        try:
+            logits = await self._run(model, prepare, deadline, priority, arrived)
+        except (Exception, asyncio.CancelledError) as exc:
+            on_done(ref, None, exc)
+        else:
+            on_done(ref, logits, None)
+
+    @staticmethod
+    def withdraw(handle: Any, expired: bool) -> None:
+        """The front end gave up on an `enqueue`d request: its deadline passed, or its caller left."""
+        if isinstance(handle, asyncio.Future):  # chunked: it applies its deadline itself
+            if not expired:
+                handle.cancel()
+        else:
+            model: LoadedModel = handle.ref[0]
+            model.batcher.withdraw(handle, expired)
+
+    def _accepts(self, model: LoadedModel) -> None:
+        if not self.accepting:
+            raise Unavailable(f"model {model.name!r} is not accepting requests (server shutting down)")
+        if not model.ready:
+            raise Unavailable(f"model {model.name!r} version {model.version} was unloaded; retry")
+
+    def _begin(self, model: LoadedModel) -> None:
+        model.active += 1
+        self.running += 1
+
+    def _end(self, model: LoadedModel, code: str, start: float) -> None:
+        self.running -= 1
+        self.finished += 1
+        model.active -= 1
+        model.stats.request_done(code, time.monotonic() - start)
 
     async def _run(
         self,
@@ -546,35 +637,26 @@ class DataPlane:
         priority: int,
         arrived: float | None = None,
     ) -> np.ndarray:
-        if not self.accepting:
-            raise Unavailable(f"model {model.name!r} is not accepting requests (server shutting down)")
-        if not model.ready:
-            raise Unavailable(f"model {model.name!r} version {model.version} was unloaded; retry")
+        self._accepts(model)
         start = time.monotonic() if arrived is None else arrived
         code = "OK"
-        model.active += 1
-        in_flight = self.metrics.in_flight.labels(model.name, model.version) if self.metrics else None
-        if in_flight:
-            in_flight.inc()
-        self.running += 1
+        self._begin(model)
         try:
             batch = await prepare()
             return await model.batcher.submit(
                 batch, deadline, priority or DEFAULT_PRIORITY, self.tracing.on_run()
             )
-        except ServingError as exc:
-            code = exc.code
-            raise
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception:
-            code = "INTERNAL"
+        except BaseException as exc:
+            code = _code(exc)
             raise
         finally:
-            self.running -= 1
-            self.finished += 1
-            model.active -= 1
-            if in_flight:
-                in_flight.dec()
-            model.stats.request_done(code, time.monotonic() - start)
+            self._end(model, code, start)
+
+
+def _code(error: BaseException | None) -> str:
+    """The status a request ended with, for statistics and metrics."""
+    if error is None:
+        return "OK"
+    if isinstance(error, ServingError):
+        return error.code
+    return "CANCELLED" if isinstance(error, asyncio.CancelledError) else "INTERNAL"

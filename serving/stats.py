@@ -10,6 +10,7 @@ import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from serving.batcher import BatchRecord
 from serving.metrics import ServerMetrics
@@ -39,6 +40,15 @@ class ModelStats:
     last_inference_ms: int = 0
     batches: dict[int, Duration] = field(default_factory=dict)  # batch size -> executions
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Prometheus children by label values, looked up once: `labels()` per request showed in profiles.
+    _children: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
+
+    def _child(self, metric: Any, *extra: str) -> Any:
+        key = (id(metric), *extra)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(self.name, self.version, *extra)
+        return child
 
     def snapshot(self) -> ModelStats:
         """A consistent copy for reporting (the batcher's callbacks may run meanwhile)."""
@@ -52,6 +62,7 @@ class ModelStats:
                 compute_infer=dataclasses.replace(self.compute_infer),
                 batches={k: dataclasses.replace(v) for k, v in self.batches.items()},
                 _lock=threading.Lock(),
+                _children={},
             )
 
     def batch_done(self, record: BatchRecord) -> None:
@@ -65,28 +76,29 @@ class ModelStats:
                 self.batches.setdefault(record.size, Duration()).add(record.compute_s)
                 self.last_inference_ms = int(time.time() * 1000)
         if self.metrics:
-            labels = (self.name, self.version)
+            m = self.metrics
+            queue = self._child(m.queue_seconds)
             for waited in record.queue_s:
-                self.metrics.queue_seconds.labels(*labels).observe(waited)
+                queue.observe(waited)
             if record.ok:
-                self.metrics.compute_seconds.labels(*labels).observe(record.compute_s)
-                self.metrics.batch_size.labels(*labels).observe(record.size)
-                self.metrics.images.labels(*labels).inc(record.size)
+                self._child(m.compute_seconds).observe(record.compute_s)
+                self._child(m.batch_size).observe(record.size)
+                self._child(m.images).inc(record.size)
                 if record.padding:
-                    self.metrics.padding.labels(*labels).inc(record.padding)
+                    self._child(m.padding).inc(record.padding)
 
     def dropped(self, images: int, reason: str) -> None:
         # KServe's statistics have no field for them: Prometheus is where drops are counted.
         if self.metrics:
-            self.metrics.dropped.labels(self.name, self.version, reason).inc(images)
+            self._child(self.metrics.dropped, reason).inc(images)
 
     def instance_replaced(self) -> None:
         if self.metrics:
-            self.metrics.instance_replacements.labels(self.name, self.version).inc()
+            self._child(self.metrics.instance_replacements).inc()
 
     def request_done(self, code: str, seconds: float) -> None:
         with self._lock:
             (self.success if code == "OK" else self.fail).add(seconds)
         if self.metrics:
-            self.metrics.requests.labels(self.name, self.version, code).inc()
-            self.metrics.request_seconds.labels(self.name, self.version).observe(seconds)
+            self._child(self.metrics.requests, code).inc()
+            self._child(self.metrics.request_seconds).observe(seconds)

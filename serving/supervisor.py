@@ -1,8 +1,12 @@
 """The model owner's side of the front-end processes (`--workers N`, N > 1; serving/frontend.py).
 
 Starts them (each with a socket pair and a memfd arena, on the server's port), feeds them the
-catalog of models and shared-memory regions, runs the requests they hand over through
-`DataPlane.infer` with the input read in place from their arena, and writes the logits back.
+catalog of models and shared-memory regions, and queues the requests they hand over. That is the
+hot path, and it is kept to bookkeeping: the front end checked and converted each input already,
+so a SUBMIT record (serving/ipc.py) becomes one `DataPlane.enqueue` of the rows where they lie in
+its arena, with no coroutine, no second check and no copy; when the batch is done the logits are
+written into the request's block and its id joins the DONE records sent at the end of the loop
+turn.
 It notices a front end that dies (its link closes): the requests it had handed over are
 cancelled, its arena released once the batcher is done with them, and a new one is started in
 its place. On shutdown it tells them to stop taking requests and to hand over the ones they
@@ -18,16 +22,18 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from serving import ipc
 from serving.config import MiB, ServerConfig
-from serving.errors import ServingError, StartError
+from serving.errors import ServingError, StartError, describe
 from serving.ipc import Arena, Link, open_link
 from serving.metrics import ServerMetrics
-from serving.service import DataPlane, InferInput
+from serving.service import DataPlane
 from serving.shm import SharedMemoryRegistry
 
 log = logging.getLogger(__name__)
@@ -45,8 +51,9 @@ class _FrontEnd:
     arena: Arena
     link: Link | None = None
     listening: asyncio.Future[None] | None = None
-    tasks: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    tasks: dict[int, Any] = field(default_factory=dict)  # request id -> DataPlane.enqueue's handle
     calls: dict[int, asyncio.Future[None]] = field(default_factory=dict)
+    requests: Any = None  # its hrnet_frontend_requests_total child
 
 
 class FrontEnds:
@@ -96,8 +103,15 @@ class FrontEnds:
         fe = _FrontEnd(index, process, arena)
         fe.listening = asyncio.get_running_loop().create_future()
         self._front_ends[index] = fe
-        fe.link = await open_link(parent, lambda m: self._on_message(fe, m), lambda: self._on_lost(fe))
-        fe.link.send(("config", self.config, self.owner_address, self.port, arena.size))
+        if self.metrics:
+            fe.requests = self.metrics.frontend_requests.labels(str(index))
+        fe.link = await open_link(
+            parent,
+            lambda kind, records: self._on_records(fe, kind, records),
+            lambda message: self._on_control(fe, message),
+            lambda: self._on_lost(fe),
+        )
+        fe.link.send(ipc.Configure(self.config, self.owner_address, self.port, arena.size))
         try:
             await asyncio.wait_for(asyncio.shield(fe.listening), START_TIMEOUT_S)
         except TimeoutError:
@@ -106,7 +120,8 @@ class FrontEnds:
             ) from None
         if self._published:  # a replacement: it needs what the others already have
             await asyncio.gather(
-                self._call(fe, "models", self._models()), self._call(fe, "regions", self._regions())
+                self._call(fe, lambda seq: ipc.Catalog(seq, self._models())),
+                self._call(fe, lambda seq: ipc.Regions(seq, self._regions())),
             )
         log.info("front end listening", extra={"worker": index, "pid": process.pid, "port": self.port})
 
@@ -119,19 +134,19 @@ class FrontEnds:
     async def publish_models(self) -> None:
         self._published = True
         models = self._models()
-        await asyncio.gather(*(self._call(fe, "models", models) for fe in self._live()))
+        await asyncio.gather(*(self._call(fe, lambda seq: ipc.Catalog(seq, models)) for fe in self._live()))
 
     async def publish_regions(self) -> None:
         """Every front end holds the new registry before the RPC that changed it returns."""
         regions = self._regions()
-        await asyncio.gather(*(self._call(fe, "regions", regions) for fe in self._live()))
+        await asyncio.gather(*(self._call(fe, lambda seq: ipc.Regions(seq, regions)) for fe in self._live()))
 
     async def drain(self, grace_s: float) -> bool:
         """Front ends refuse new requests and hand over what they accepted; True when all did."""
         self._stopping = True
         for task in self._restarts:
             task.cancel()
-        calls = [self._call(fe, "drain", timeout_s=grace_s) for fe in self._live()]
+        calls = [self._call(fe, ipc.Drain, timeout_s=grace_s) for fe in self._live()]
         results = await asyncio.gather(*calls, return_exceptions=True)
         return not any(isinstance(r, BaseException) for r in results)
 
@@ -142,79 +157,105 @@ class FrontEnds:
             task.cancel()
         for fe in self._live():
             assert fe.link is not None
-            fe.link.send(("stop", grace_s))
+            fe.link.send(ipc.Stop(grace_s))
         await asyncio.gather(*(self._reap(fe, grace_s + STOP_TIMEOUT_S) for fe in self._front_ends.values()))
 
     def _live(self) -> list[_FrontEnd]:
         return [fe for fe in self._front_ends.values() if fe.link is not None and not fe.link.closed]
 
-    async def _call(self, fe: _FrontEnd, kind: str, *args: Any, timeout_s: float = CALL_TIMEOUT_S) -> None:
-        """Send one message and wait for the front end's acknowledgement."""
+    async def _call(
+        self, fe: _FrontEnd, message: Callable[[int], Any], timeout_s: float = CALL_TIMEOUT_S
+    ) -> None:
+        """Send `message(seq)` and wait for the front end's Ack(seq)."""
         assert fe.link is not None
         seq = next(self._seq)
         done = asyncio.get_running_loop().create_future()
         fe.calls[seq] = done
-        fe.link.send((kind, seq, *args))
+        fe.link.send(message(seq))
         try:
             await asyncio.wait_for(done, timeout_s)
         finally:
             fe.calls.pop(seq, None)
 
-    def _on_message(self, fe: _FrontEnd, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "infer":
-            task = asyncio.get_running_loop().create_task(self._infer(fe, *message[1:]))
-            fe.tasks[message[1]] = task
-        elif kind == "cancel":
-            task = fe.tasks.get(message[1])
-            if task is not None:
-                task.cancel()
-        elif kind == "failed":
-            self.plane.account(*message[1:])
-        elif kind == "ack":
-            done = fe.calls.get(message[1])
-            if done is not None and not done.done():
-                done.set_result(None)
-        elif kind == "listening" and fe.listening is not None and not fe.listening.done():
-            fe.listening.set_result(None)
-        elif kind == "failed_start" and fe.listening is not None and not fe.listening.done():
-            fe.listening.set_exception(StartError(message[1]))
+    def _on_records(self, fe: _FrontEnd, kind: ipc.Kind, records: np.ndarray) -> None:
+        if kind == ipc.Kind.SUBMIT:
+            self._submit(fe, records)
+        elif kind == ipc.Kind.CANCEL:
+            for request_id, expired in records.tolist():
+                handle = fe.tasks.get(request_id)
+                if handle is not None:
+                    self.plane.withdraw(handle, bool(expired))
 
-    async def _infer(
-        self,
-        fe: _FrontEnd,
-        request_id: int,
-        name: str,
-        version: str,
-        offset: int,
-        shape: tuple[int, ...],
-        dtype: str,
-        output_offset: int,
-        deadline: float | None,
-        priority: int,
-        arrived: float,
+    def _submit(self, fe: _FrontEnd, records: np.ndarray) -> None:
+        """Queue every request of one SUBMIT frame: per request a lookup, the admission rule and a
+        heap push. What fails is answered at once with its status."""
+        if fe.requests is not None:
+            fe.requests.inc(len(records))
+        failed: list[tuple[int, str, str]] = []
+        for request_id, slot, rows, offset, output, deadline, priority, arrived in records.tolist():
+            try:
+                model = self.plane.by_slot(slot)
+                items = fe.arena.array(offset, (rows, *model.input_shape), model.input.dtype)
+                fe.tasks[request_id] = self.plane.enqueue(
+                    model,
+                    items,
+                    None if deadline != deadline else deadline,  # NaN: none
+                    priority,
+                    arrived,
+                    self._done,
+                    (fe, request_id, output, model.num_classes),
+                )
+            except ServingError as exc:
+                failed.append((request_id, exc.code, str(exc)))
+        if failed:
+            assert fe.link is not None
+            fe.link.send(ipc.Failed(failed))
+
+    def _done(
+        self, ref: tuple[_FrontEnd, int, int, int], logits: np.ndarray | None, error: BaseException | None
     ) -> None:
-        if self.metrics:
-            self.metrics.frontend_requests.labels(str(fe.index)).inc()
-        try:
-            model = self.plane.get(name, version)
-            tensor = fe.arena.array(offset, shape, dtype)
-            logits = await self.plane.infer(model, InferInput(tensor=tensor), deadline, priority, arrived)
-            if logits.shape != (shape[0], len(model.labels)):
-                raise ServingError(f"the model returned logits of shape {list(logits.shape)}")
-            fe.arena.array(output_offset, logits.shape, np.float32)[...] = logits
-            reply: tuple[Any, ...] = ("done", request_id, logits.shape)
-        except asyncio.CancelledError:  # the front end's caller went away; we cancelled it ourselves
-            reply = ("cancelled", request_id)
-        except ServingError as exc:
-            reply = ("error", request_id, exc.code, str(exc))
-        except Exception as exc:
-            log.exception("request from a front end failed")
-            reply = ("error", request_id, "INTERNAL", f"internal error: {type(exc).__name__}: {exc}")
-        finally:
-            fe.tasks.pop(request_id, None)
+        """A request handed over ended: its logits into its block and its id into DONE, or its error."""
+        fe, request_id, output, classes = ref
+        fe.tasks.pop(request_id, None)
         assert fe.link is not None
-        fe.link.send(reply)
+        if error is None and logits is not None and logits.shape[1:] != (classes,):
+            error = ServingError(f"the model returned logits of shape {list(logits.shape)}")
+        if error is None and logits is not None:
+            fe.arena.array(output, logits.shape, np.float32)[...] = logits
+            fe.link.add(ipc.Kind.DONE, request_id)
+            return
+        if isinstance(error, asyncio.CancelledError):
+            code, message = "CANCELLED", "cancelled by the server"
+        else:
+            code, message = describe(error) if error is not None else ("INTERNAL", "no logits")
+        fe.link.send(ipc.Failed([(request_id, code, message)]))
+
+    def _on_control(self, fe: _FrontEnd, message: Any) -> None:
+        handler = {
+            ipc.Ack: self._acked,
+            ipc.Refused: self._refused,
+            ipc.Listening: self._started,
+            ipc.StartFailed: self._started,
+        }[type(message)]
+        handler(fe, message)
+
+    @staticmethod
+    def _acked(fe: _FrontEnd, message: ipc.Ack) -> None:
+        done = fe.calls.get(message.seq)
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    def _refused(self, fe: _FrontEnd, message: ipc.Refused) -> None:
+        self.plane.account(message.model, message.version, message.code, message.seconds)
+
+    @staticmethod
+    def _started(fe: _FrontEnd, message: ipc.Listening | ipc.StartFailed) -> None:
+        if fe.listening is None or fe.listening.done():
+            return
+        if isinstance(message, ipc.StartFailed):
+            fe.listening.set_exception(StartError(message.reason))
+        else:
+            fe.listening.set_result(None)
 
     def _on_lost(self, fe: _FrontEnd) -> None:
         if fe.listening is not None and not fe.listening.done():
@@ -222,8 +263,8 @@ class FrontEnds:
         for done in fe.calls.values():
             if not done.done():
                 done.set_exception(ConnectionError(f"front-end process {fe.index} is gone"))
-        for task in fe.tasks.values():
-            task.cancel()
+        for handle in list(fe.tasks.values()):
+            self.plane.withdraw(handle, expired=False)  # running ones finish: the arena waits for them
         loop = asyncio.get_running_loop()
         if self._stopping or not self._published:
             return
@@ -262,8 +303,8 @@ class FrontEnds:
                 fe.process.kill()
                 deadline = float("inf")
             await asyncio.sleep(REAP_POLL_S)
-        if fe.tasks:  # the batcher may still read their rows: the arena waits for them
-            await asyncio.gather(*fe.tasks.values(), return_exceptions=True)
+        while fe.tasks:  # the batcher may still read their rows: the arena waits for them
+            await asyncio.sleep(REAP_POLL_S)
         if fe.link is not None:
             fe.link.close()
         fe.arena.close()

@@ -1,4 +1,4 @@
-"""The front ends' shared arena, its allocator and the message link, on their own."""
+"""The front ends' shared arena, its allocator and the record link, on their own."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import socket
 
 import numpy as np
 
+from serving import ipc
 from serving.ipc import ALIGN, Allocator, Arena, open_link
 
 
@@ -38,22 +39,36 @@ def test_an_arena_is_the_same_memory_in_both_mappings() -> None:
     assert writer.fd == -1
 
 
-async def test_link_delivers_whole_messages_in_order() -> None:
+async def test_link_delivers_records_and_messages_in_order_one_frame_per_run() -> None:
+    """Records added in one loop turn travel as one frame per run of a kind, decoded as arrays;
+    a control message between two runs keeps its place; a large one spans several reads."""
     left, right = socket.socketpair()
     got: list[tuple] = []
     arrived = asyncio.Event()
 
-    def received(message: tuple) -> None:
-        got.append(message)
-        if len(got) == 3:
-            arrived.set()
+    def records(kind: ipc.Kind, array: np.ndarray) -> None:
+        got.append((kind, array.tolist()))
+        arrived.set()
 
-    sender = await open_link(left, lambda m: None, lambda: None)
-    receiver = await open_link(right, received, lambda: None)
-    big = ("infer", 1, "x" * 100_000)  # spans several reads
-    for message in (("ack", 0), big, ("done", 2, (3, 10))):
-        sender.send(message)
-    await asyncio.wait_for(arrived.wait(), 10)
-    assert got == [("ack", 0), big, ("done", 2, (3, 10))]
+    def control(message: object) -> None:
+        got.append(("control", message))
+
+    sender = await open_link(left, lambda k, r: None, lambda m: None, lambda: None)
+    receiver = await open_link(right, records, control, lambda: None)
+    submit = (7, 1, 2, 4096, 8192, float("nan"), 3, 12.5)
+    big = ipc.Failed([(1, "INVALID_ARGUMENT", "x" * 100_000)])
+    sender.add(ipc.Kind.SUBMIT, submit)
+    sender.add(ipc.Kind.SUBMIT, (8, *submit[1:]))
+    sender.send(big)
+    sender.add(ipc.Kind.DONE, 5)
+    sender.add(ipc.Kind.DONE, 6)
+    sender.add(ipc.Kind.CANCEL, (7, True))
+    while not any(item[0] == ipc.Kind.CANCEL for item in got):
+        arrived.clear()
+        await asyncio.wait_for(arrived.wait(), 10)
+    first, second = got[0][1]
+    assert got[0][0] == ipc.Kind.SUBMIT and first[:5] == (7, 1, 2, 4096, 8192) and np.isnan(first[5])
+    assert first[6:] == (3, 12.5) and second[0] == 8
+    assert got[1:] == [("control", big), (ipc.Kind.DONE, [5, 6]), (ipc.Kind.CANCEL, [(7, 1)])]
     sender.close()
     receiver.close()
