@@ -195,6 +195,12 @@ class ModelConfig:
         "version served, at least 1 each",
         flag="threads",
     )
+    spin: str = setting(
+        "auto",
+        "onnxruntime's intra-op threads spin while they wait for work: on (a little lower latency; the "
+        "cores burn between batches), off, or auto: off when front-end processes share the cores "
+        "(workers > 1), on otherwise",
+    )
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     # Preprocessing overrides for models without our metadata (or to correct it); 0/empty: from
@@ -213,6 +219,8 @@ class ModelConfig:
             raise ConfigError(f"device must be cpu, gpu or ascend; got {self.device!r}")
         if self.instances < 1:
             raise ConfigError(f"instances must be >= 1, got {self.instances}")
+        if self.spin not in ("auto", "on", "off"):
+            raise ConfigError(f"spin must be auto, on or off; got {self.spin!r}")
         if self.threads_per_instance < 0:
             raise ConfigError(f"threads_per_instance must be >= 0, got {self.threads_per_instance}")
         if not self.device_ids or min(self.device_ids) < 0:

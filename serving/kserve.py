@@ -331,6 +331,7 @@ def model_config(model: LoadedModel) -> mc.ModelConfig:
         "precision": model.precision,
         "labels": ",".join(meta.labels),
         "threads_per_instance": cfg.intra_op_threads(),
+        "spin": cfg.spin,
         "adaptive_delay": batching.adaptive_delay,
         **{f"input_{key}": value for key, value in INPUT_PARAMETERS.items()},
         **{f"output_{key}": value for key, value in OUTPUT_PARAMETERS.items()},
