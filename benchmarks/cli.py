@@ -8,6 +8,7 @@
     hrnet bench batching --model m.onnx [--concurrency 16] [--repeats 3]  # batching off vs on
     hrnet bench soak     --model m.onnx [--duration 300] [--load 2]    # overload, and what must hold
     hrnet bench gpu      prepare | run --model NAME=m.onnx            # the prepared GPU run, budgeted
+    hrnet bench overhead [--serve-workers 1,2] [--payloads fp32,uint8,jpeg]  # server CPU per request
 
 Every mode but gpu prints a table and takes `--json FILE`; all but soak and gpu also `--report
 DIR` (Markdown, JSON, PNG plots); gpu writes OUT/results.jsonl and OUT/report.md section by section.
@@ -23,7 +24,7 @@ from pathlib import Path
 from benchmarks import gpu_serving
 from core.errors import CommandError
 
-MODES = ("ceiling", "load", "peers", "accuracy", "batching", "soak", "gpu")
+MODES = ("ceiling", "load", "peers", "accuracy", "batching", "soak", "gpu", "overhead")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -218,6 +219,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = modes.add_parser("gpu", help="the prepared GPU run: ceiling per bucket, then the server, budgeted")
     gpu_serving.add_arguments(p)
 
+    p = modes.add_parser(
+        "overhead", help="the server's own CPU per request, by process and thread, on a near-free model"
+    )
+    p.add_argument(
+        "--serve-workers", type=_ints, default=(1, 2), help="hrnet serve --workers values (default 1,2)"
+    )
+    p.add_argument(
+        "--payloads",
+        type=lambda text: tuple(v for v in text.split(",") if v),
+        default=("fp32", "uint8", "jpeg"),
+        help="one image per request as fp32, uint8 and/or jpeg (default all three)",
+    )
+    p.add_argument("--concurrency", type=int, default=16, help="closed-loop callers (default 16)")
+    p.add_argument("--workers", type=int, default=2, help="load generator processes (default 2)")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="alternate the settings this many times (default 1)"
+    )
+    p.add_argument("--size", type=int, default=224, help="image side the model takes (default 224)")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring (default 2)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds measured per run (default 10)")
+    p.add_argument("--serve-args", default="", help="more `hrnet serve` flags")
+    _output(p)
+
 
 def _check(args: argparse.Namespace) -> None:
     if getattr(args, "workers", 1) < 1:
@@ -235,7 +259,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks import modes, report, soak
+    from benchmarks import modes, overhead, report, soak
 
     _check(args)
     if args.mode == "soak":
@@ -248,6 +272,7 @@ def run(args: argparse.Namespace) -> int:
         "peers": lambda a: modes.load(a, with_peers=True),
         "accuracy": modes.accuracy,
         "batching": modes.batching_mode,
+        "overhead": overhead.run,
     }
     document = runners[args.mode](args).as_dict()
     print(report.terminal(document))

@@ -131,8 +131,11 @@ class KServeApi(Api):
 
     def tensor_request(self, model: ModelInfo, tensor: np.ndarray) -> bytes:
         request = kpb.ModelInferRequest(model_name=model.name)
-        request.inputs.add(name=model.input_name, datatype="FP32", shape=tensor.shape)
-        request.raw_input_contents.append(np.ascontiguousarray(tensor, dtype="<f4").tobytes())
+        datatype, dtype = (
+            ("UINT8", "u1") if tensor.dtype == np.uint8 else ("FP32", "<f4")
+        )  # pixels or normalized
+        request.inputs.add(name=model.input_name, datatype=datatype, shape=tensor.shape)
+        request.raw_input_contents.append(np.ascontiguousarray(tensor, dtype=dtype).tobytes())
         return request.SerializeToString()
 
     def images_request(self, model: ModelInfo, images: Sequence[bytes]) -> bytes:

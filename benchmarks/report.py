@@ -199,6 +199,30 @@ def batching_table(batching: dict[str, Any]) -> Table:
     return header, rows
 
 
+def overhead_table(summary: Sequence[dict[str, Any]]) -> Table:
+    header = ["payload", "--workers", "req/s", "batch", "owner", "loop", "instances", "pool", "other"]
+    header += ["owner cap req/s", "front ends", "load gen", "p99 ms", "errors"]
+    rows = []
+    for r in summary:
+        split = r["owner_ms"]
+        rows.append(
+            [
+                r["payload"],
+                str(r["serve_workers"]),
+                _f(r["req_s"], 0),
+                _f(r["mean_batch"]),
+                _f(r["owner_total_ms"], 3),
+                *(_f(split.get(k), 3) for k in ("event_loop", "instances", "runtime_pool", "other_threads")),
+                _f(r["owner_cap_req_s"], 0),
+                _f(r["front_ends_ms"], 3),
+                _f(r["loadgen_ms"], 3),
+                _f(r["p99_ms"]),
+                _errors(r["errors"]),
+            ]
+        )
+    return header, rows
+
+
 def accuracy_lines(accuracy: dict[str, Any]) -> list[str]:
     lines = [
         f"server: {{'Top_1_Acc': {accuracy['top1']:.4f}, 'Top_5_Acc': {accuracy['top5']:.4f}}}"
@@ -279,6 +303,13 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, Table | list[str]]]:
         sections.append(("", [f"speed-up from batching (medians): {b['gain']:.2f}x"]))
     if "accuracy" in report:
         sections.append(("Accuracy", accuracy_lines(report["accuracy"])))
+    if "overhead" in report:
+        o = report["overhead"]
+        title = (
+            f"Server CPU per request (ms), near-free model, {o['concurrency']} callers from "
+            f"{o['load_processes']} load processes, median of the repeats"
+        )
+        sections.append((title, overhead_table(o["summary"])))
     return sections
 
 
@@ -408,6 +439,22 @@ def write_plots(report: dict[str, Any], folder: Path, stem: str) -> list[Path]:
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
         save(fig, "latency_cdf")
+    if "overhead" in report:
+        summary = report["overhead"]["summary"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for payload in dict.fromkeys(r["payload"] for r in summary):
+            points = sorted(
+                (r["serve_workers"], r["owner_cap_req_s"] or 0) for r in summary if r["payload"] == payload
+            )
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"{payload}: owner cap")
+            served = sorted((r["serve_workers"], r["req_s"]) for r in summary if r["payload"] == payload)
+            ax.plot([p[0] for p in served], [p[1] for p in served], "x:", label=f"{payload}: served")
+        ax.set(xlabel="hrnet serve --workers", ylabel="requests/s", title="Owner cap (1000 / owner CPU ms)")
+        ax.set_xticks(sorted({r["serve_workers"] for r in summary}))
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        save(fig, "owner_cap")
     return paths
 
 

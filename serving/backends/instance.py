@@ -9,6 +9,8 @@ effect when the call returns, and starts a `replacement` on a new thread.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import itertools
 import logging
 import queue
@@ -21,6 +23,18 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 _generation = itertools.count(1)
+_PR_SET_NAME = 15  # prctl(2)
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+OS_NAME_POOL = "hrnet-pool"  # the runtime's threads, made while the instance loads
+OS_NAME_INSTANCE = "hrnet-instance"
+
+
+def name_os_thread(name: str) -> None:
+    """Name the calling thread for the kernel (/proc/PID/task/TID/comm; top -H, py-spy, `hrnet
+    bench overhead` read it). Python names its threads only for itself."""
+    prctl = getattr(_libc, "prctl", None)
+    if prctl is not None:
+        prctl(_PR_SET_NAME, name.encode()[:15])
 
 
 class BatchRunner(Protocol):
@@ -71,6 +85,8 @@ class ModelInstance:
         return self.closed
 
     def _main(self) -> None:
+        # Threads inherit their creator's name: the runtime's pool, made during setup, gets this one.
+        name_os_thread(OS_NAME_POOL)
         try:
             backend = self._setup()
         except BaseException as exc:  # the loader's error belongs to whoever awaits `ready`
@@ -82,6 +98,7 @@ class ModelInstance:
         # `ready` is cancelled when its awaiter gave up while this loaded (asyncio.wrap_future
         # passes cancellation on: a replacement still loading at shutdown); the instance then
         # still runs what it is given and closes on close(), like any other.
+        name_os_thread(OS_NAME_INSTANCE)
         if self.ready.set_running_or_notify_cancel():
             self.ready.set_result(backend)
         try:

@@ -22,7 +22,7 @@ import onnxruntime as ort
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.frontend import children, main
+from benchmarks.overhead import children
 from protos import classifier_pb2, classifier_pb2_grpc
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
@@ -232,22 +232,6 @@ def test_a_port_in_use_is_refused_before_any_worker_starts() -> None:
         with pytest.raises(ListenError, match=f"cannot listen on 127.0.0.1:{port}"):
             check_port_free("127.0.0.1", port)
     assert check_port_free("127.0.0.1", 0) > 0
-
-
-def test_the_benchmark_compares_process_counts_and_reads_their_cpu(repo, capsys) -> None:
-    """A smoke run of `python -m benchmarks.frontend` (its figures are for people, not asserted)."""
-    model = str(repo / "hrnet" / "1" / "model.onnx")
-    assert (
-        main(
-            ["--model", model, "--workers", "1,2", "--concurrency", "2", "--requests", "8", "--repeats", "1"]
-        )
-        == 0
-    )
-    rows = [
-        line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] in (["1"], ["2"])
-    ]
-    assert [row[0] for row in rows] == ["1", "2"]
-    assert float(rows[0][-1]) == 0 and float(rows[1][-1]) > 0  # only workers 2 has front-end processes
 
 
 def test_the_token_is_checked_in_the_workers_and_travels_with_forwarded_calls(start_server, repo) -> None:

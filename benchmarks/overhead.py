@@ -1,0 +1,298 @@
+"""`hrnet bench overhead`: what the server itself costs per request, process by process, thread by thread.
+
+The model is made on the fly and is almost free (one 1x1 convolution whose stride is the image
+size, so it reads 3 numbers per image), so everything measured is the server's own work. For each
+payload (FP32 tensors, UINT8 pixels, JPEG photographs; one image per request) and each `hrnet serve
+--workers` value, alternated `--repeats` times so a shared machine's drift falls on all of them, it
+starts the server on 127.0.0.1, drives it from `--workers` load processes with `--concurrency`
+callers, and reads from /proc the CPU time of every thread of the model owner and of every
+front-end process over the measured window:
+
+- owner: the event loop (its main thread), the model instances (`hrnet-instance`), the runtime's
+  pool (`hrnet-pool`) and the rest (gRPC, the default executor);
+- front ends together, and the load generator.
+
+Each is reported in CPU milliseconds per request. The owner's cap, 1000 / owner ms, is the request
+rate one owner process could sustain if it had a core to itself: the figure that says whether the
+owner, not the front ends or the accelerator, is the limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import shlex
+import sys
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.loadgen import Level, LoadGenerator, Measured, Workload
+from benchmarks.machine import this_machine
+from benchmarks.modes import command_line
+from benchmarks.protocol import KSERVE, fetch_model_info
+from benchmarks.protocol import api as make_api
+from benchmarks.report import Report
+from benchmarks.targets import StatisticsProbe
+from core.errors import CommandError
+from serving.backends.instance import OS_NAME_INSTANCE, OS_NAME_POOL
+from serving.process import ServerProcess
+
+PAYLOADS = ("fp32", "uint8", "jpeg")
+ROLES = ("event_loop", "instances", "runtime_pool", "other_threads")
+TICKS = os.sysconf("SC_CLK_TCK")
+CLASSES = 10
+JPEG_SIZE = (500, 375)  # an ImageNet-like photograph
+DISTINCT_REQUESTS = 16
+
+
+def near_free_model(path: Path, size: int, classes: int = CLASSES) -> Path:
+    """An NCHW FP32 classifier that costs next to nothing: Conv 1x1 with stride `size`, Flatten."""
+    try:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        raise CommandError(
+            "hrnet bench overhead builds its model with the onnx package: pip install onnx"
+        ) from None
+    weights = np.random.default_rng(0).normal(0, 1, (classes, 3, 1, 1)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["input", "w"], ["c"], strides=[size, size]),
+            helper.make_node("Flatten", ["c"], ["output"]),
+        ],
+        "near_free",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", classes])],
+        initializer=[numpy_helper.from_array(weights, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def _jpegs(count: int) -> list[bytes]:
+    """Smooth random colour fields at 500x375, quality 90: photographs' size and decode cost."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        small = rng.integers(0, 256, (12, 16, 3), np.uint8)
+        image = Image.fromarray(small).resize(JPEG_SIZE, Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def workload(payload: str, address: str, size: int) -> Workload:
+    model = fetch_model_info(address)
+    api = make_api(KSERVE)
+    rng = np.random.default_rng(0)
+    if payload == "fp32":
+        requests = [
+            api.tensor_request(model, rng.standard_normal((1, 3, size, size), dtype=np.float32))
+            for _ in range(DISTINCT_REQUESTS)
+        ]
+    elif payload == "uint8":
+        requests = [
+            api.tensor_request(model, rng.integers(0, 256, (1, size, size, 3), np.uint8))
+            for _ in range(DISTINCT_REQUESTS)
+        ]
+    else:
+        requests = [api.images_request(model, [jpeg]) for jpeg in _jpegs(DISTINCT_REQUESTS)]
+    return Workload(KSERVE, False, tuple(requests), 1)
+
+
+def _threads(pid: int) -> dict[int, tuple[str, float]]:
+    """Every thread of `pid`: (kernel name, CPU seconds so far)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            stat = (task / "stat").read_text()
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat.rsplit(")", 1)[1].split()
+            out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / TICKS)
+    return out
+
+
+def _process_cpu_s(pid: int) -> float:
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+    return 0.0
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def role(tid: int, pid: int, name: str) -> str:
+    if tid == pid:
+        return "event_loop"
+    if name.startswith(OS_NAME_INSTANCE):
+        return "instances"
+    if name.startswith(OS_NAME_POOL):
+        return "runtime_pool"
+    return "other_threads"
+
+
+class CpuSplitProbe:
+    """CPU seconds over the window: the owner by thread role, and its front-end processes."""
+
+    def __init__(self, owner: int) -> None:
+        self.owner = owner
+        self._threads: dict[int, tuple[str, float]] = {}
+        self._front_ends: dict[int, float] = {}
+
+    def start(self) -> None:
+        self._threads = _threads(self.owner)
+        self._front_ends = {pid: _process_cpu_s(pid) for pid in children(self.owner)}
+
+    def stop(self) -> dict[str, Any]:
+        split: dict[str, float] = defaultdict(float)
+        for tid, (name, cpu_s) in _threads(self.owner).items():
+            split[role(tid, self.owner, name)] += cpu_s - self._threads.get(tid, (name, 0.0))[1]
+        front_ends = sum(_process_cpu_s(pid) - before for pid, before in self._front_ends.items())
+        return {
+            "owner_cpu_s": {r: split[r] for r in ROLES},
+            "front_ends_cpu_s": front_ends,
+            "front_end_processes": len(self._front_ends),
+        }
+
+
+@dataclass(frozen=True)
+class Row:
+    payload: str
+    serve_workers: int
+    req_s: float
+    errors: dict[str, int]
+    p99_ms: float | None
+    mean_batch: float | None
+    owner_ms: dict[str, float]  # CPU ms per request by thread role
+    front_ends_ms: float
+    front_end_processes: int
+    loadgen_ms: float
+
+    @property
+    def owner_total_ms(self) -> float:
+        return sum(self.owner_ms.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        total = self.owner_total_ms
+        return {
+            "payload": self.payload,
+            "serve_workers": self.serve_workers,
+            "req_s": self.req_s,
+            "errors": self.errors,
+            "p99_ms": self.p99_ms,
+            "mean_batch": self.mean_batch,
+            "owner_ms": self.owner_ms,
+            "owner_total_ms": total,
+            "owner_cap_req_s": 1000 / total if total > 0 else None,
+            "front_ends_ms": self.front_ends_ms,
+            "front_end_processes": self.front_end_processes,
+            "loadgen_ms": self.loadgen_ms,
+            "server_ms": total + self.front_ends_ms,
+        }
+
+
+def _row(payload: str, serve_workers: int, measured: Measured) -> Row:
+    n = max(1, measured.ok)
+    figures = measured.server
+    return Row(
+        payload=payload,
+        serve_workers=serve_workers,
+        req_s=measured.req_s,
+        errors=measured.errors,
+        p99_ms=measured.latency.p99_ms if measured.latency else None,
+        mean_batch=figures.get("mean_batch"),
+        owner_ms={r: 1e3 * s / n for r, s in figures.get("owner_cpu_s", {}).items()},
+        front_ends_ms=1e3 * figures.get("front_ends_cpu_s", 0.0) / n,
+        front_end_processes=figures.get("front_end_processes", 0),
+        loadgen_ms=1e3 * measured.loadgen_cpu * measured.window_s / n,
+    )
+
+
+def measure(
+    model: Path,
+    payload: str,
+    serve_workers: int,
+    generator: LoadGenerator,
+    level: Level,
+    size: int,
+    flags: list[str],
+) -> Row:
+    args = ["--model", str(model), "--workers", str(serve_workers), "--metrics-port", "-1", *flags]
+    with ServerProcess([*args, "--log-format", "text"]) as server:
+        assert server.proc is not None
+        key = f"{payload}-{serve_workers}-{server.port}"
+        generator.add_target(key, server.address, workload(payload, server.address, size))
+        probes = [CpuSplitProbe(server.proc.pid), StatisticsProbe(server.address, "")]
+        return _row(payload, serve_workers, generator.run(key, level, probes))
+
+
+def summarize(rows: list[Row]) -> list[dict[str, Any]]:
+    """Per (payload, serve_workers): the median of the repeats, by req/s."""
+    groups: dict[tuple[str, int], list[Row]] = defaultdict(list)
+    for row in rows:
+        groups[row.payload, row.serve_workers].append(row)
+    out = []
+    for group in groups.values():
+        group.sort(key=lambda r: r.req_s)
+        median = group[len(group) // 2].as_dict()
+        median["repeats"] = len(group)
+        out.append(median)
+    return out
+
+
+def run(args: argparse.Namespace) -> Report:
+    machine = this_machine()
+    for payload in args.payloads:
+        if payload not in PAYLOADS:
+            raise CommandError(f"--payloads takes {', '.join(PAYLOADS)}; got {payload!r}")
+    level = Level(concurrency=args.concurrency, warmup_s=args.warmup, duration_s=args.duration)
+    rows: list[Row] = []
+    flags = shlex.split(args.serve_args)
+    with (
+        tempfile.TemporaryDirectory(prefix="hrnet-overhead-") as tmp,
+        LoadGenerator(args.workers) as generator,
+    ):
+        model = near_free_model(Path(tmp) / "near_free" / "model.onnx", args.size)
+        for repeat in range(args.repeats):
+            for payload in args.payloads:
+                for serve_workers in args.serve_workers:
+                    row = measure(model, payload, serve_workers, generator, level, args.size, flags)
+                    rows.append(row)
+                    print(
+                        f"[{repeat + 1}/{args.repeats}] {payload} --workers {serve_workers}: "
+                        f"{row.req_s:.0f} req/s, owner {row.owner_total_ms:.3f} ms/req",
+                        file=sys.stderr,
+                    )
+    document = {
+        "concurrency": args.concurrency,
+        "load_processes": args.workers,
+        "size": args.size,
+        "runs": [row.as_dict() for row in rows],
+        "summary": summarize(rows),
+    }
+    workload_text = {
+        "api": KSERVE,
+        "input": f"{', '.join(args.payloads)} at {args.size} px (JPEG: {JPEG_SIZE[0]}x{JPEG_SIZE[1]})",
+        "images_per_request": 1,
+        "streaming": False,
+        "workers": args.workers,
+    }
+    return Report(
+        "overhead", machine, command_line(), args.note, workload=workload_text, extra={"overhead": document}
+    )
