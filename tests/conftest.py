@@ -247,3 +247,32 @@ def digits_model(tmp_path_factory: pytest.TempPathFactory) -> DigitsModel:
     ckpt = save_checkpoint(net, root / "digits.ckpt", meta)
     onnx_path = export_checkpoint(ckpt, "ONNX", root / "digits.onnx")
     return DigitsModel(data, data / "val", ckpt, onnx_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The `slow` marker (`make check` runs everything else). Modules mark their own slow tests; these
+# are the slow tests of modules edited elsewhere, marked here by name until their modules do it
+# (None: the whole module). Over ~5 s each, measured on 2 cores.
+# ---------------------------------------------------------------------------------------------
+SLOW_ELSEWHERE: dict[str, set[str] | None] = {
+    "serving/test_frontend.py": None,  # several server processes per test: ~90 s in all
+    "training/test_precision.py": None,  # trains and exports models
+    "test_readme.py": {
+        "test_runnable_commands_run",  # ~60 s: the README's commands, end to end
+        "test_every_hrnet_command_shown_exists_with_its_flags",  # ~18 s: every command's --help
+    },
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tests = Path(__file__).parent
+    for item in items:
+        try:
+            module = item.path.relative_to(tests).as_posix()
+        except ValueError:
+            continue
+        if module not in SLOW_ELSEWHERE:
+            continue
+        names = SLOW_ELSEWHERE[module]
+        if names is None or getattr(item, "originalname", item.name) in names:
+            item.add_marker(pytest.mark.slow)

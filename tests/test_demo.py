@@ -14,9 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from hrnet.demo import CONFIG, Demo
+
+pytestmark = pytest.mark.slow  # generates data, trains, exports and serves a model: minutes
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -62,6 +62,7 @@ def test_shares_and_levels_are_checked() -> None:
     assert Level(rate=2.5).label == "2.5 req/s"
 
 
+@pytest.mark.slow  # ~18 s: a server, a ceiling and a load sweep
 def test_load_sweep_writes_reports_that_parse_back(model_repo, tmp_path: Path) -> None:
     """A short closed-loop sweep against `hrnet serve` started by the command, two worker processes."""
     out, folder = tmp_path / "load.json", tmp_path / "report"
@@ -164,6 +165,7 @@ def test_ceiling_reports_several_files_side_by_side(model_repo, tmp_path: Path) 
     assert header.count("img/s") == 2
 
 
+@pytest.mark.slow  # ~11 s: two servers under load
 def test_batching_mode_compares_off_and_on_on_the_shared_generator(model_repo, tmp_path: Path) -> None:
     out = tmp_path / "batching.json"
     result = bench(
@@ -179,6 +181,7 @@ def test_batching_mode_compares_off_and_on_on_the_shared_generator(model_repo, t
     assert "speed-up from batching" in result.stdout
 
 
+@pytest.mark.slow  # ~20 s, and the digits_model fixture (~9 s)
 def test_accuracy_through_the_server_equals_hrnet_eval(digits_model, tmp_path: Path) -> None:
     out, folder = tmp_path / "accuracy.json", tmp_path / "report"
     result = bench(
@@ -194,6 +197,7 @@ def test_accuracy_through_the_server_equals_hrnet_eval(digits_model, tmp_path: P
     assert "Accuracy" in (folder / "accuracy.md").read_text(encoding="utf-8")
 
 
+@pytest.mark.slow  # the digits_model fixture: ~9 s
 def test_accuracy_lists_the_images_that_differ(digits_model, tmp_path: Path) -> None:
     """The comparison is by image name: a prediction file naming other classes shows up image by image."""
     from benchmarks.accuracy import compare, image_folder
@@ -208,6 +212,7 @@ def test_accuracy_lists_the_images_that_differ(digits_model, tmp_path: Path) -> 
                        "eval": (images[5].label + 1) % 10}]  # fmt: skip
 
 
+@pytest.mark.slow  # ~50 s: MLServer and hrnet serve measured side by side
 def test_peers_runs_mlserver_beside_ours(model_repo, tmp_path: Path) -> None:
     from benchmarks.peers.mlserver import PeerUnavailable, environment
 

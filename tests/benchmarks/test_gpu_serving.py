@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from hrnet.cli import main
+
+pytestmark = pytest.mark.slow  # starts hrnet serve and measures load levels: ~20 s
 
 SECTIONS = ["environment", "small: ceiling", "small: server raw", "small: server jpeg"]
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.soak import SoakConfig, report, run_soak
+
+pytestmark = pytest.mark.slow  # a 25 s soak, after measuring capacity
 
 
 def test_a_short_soak_at_twice_capacity_holds_every_property(model_repo, tmp_path) -> None:

@@ -16,6 +16,7 @@ from hrnet.cli import main
 IMAGES = "hrnet_inference_images_total"
 
 
+@pytest.mark.slow  # ~5 s each: two servers, 240 calls, a graceful stop
 def test_one_replica_stops_mid_run_and_no_call_fails(
     connect: Any, start_server: Any, onnx_repo: Path, digit_images: list
 ) -> None:

@@ -78,6 +78,7 @@ def test_a_message_over_the_size_limit_is_not_retried(
     assert RetryPolicy().retryable(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full: 256 image(s) queued")
 
 
+@pytest.mark.slow  # ~3 s each, 4 of them: a server stopped and started again
 @pytest.mark.parametrize("rpc", ["server_ready", "classify"])
 def test_calls_ride_out_a_server_restart(
     rpc: str,

@@ -664,6 +664,7 @@ def test_after_the_corpus_the_server_answers_exactly_as_before(corpus_server) ->
     assert rss_after <= FLOOR_GROWTH * rss_before, (rss_before >> 20, rss_after >> 20)
 
 
+@pytest.mark.slow  # ~10 s of large images and RSS settling
 def test_a_burst_of_large_images_does_not_raise_the_memory_floor(corpus_server) -> None:
     """Was: 272 MB at start, 1.15 GB after the corpus and 2.93 GB after one large request, for good."""
     server, channel, _, _ = corpus_server

@@ -63,6 +63,7 @@ def _request(pngs: list[bytes]) -> pb.ModelInferRequest:
     return request
 
 
+@pytest.mark.slow  # ~5 s: an hrnet serve process draining 192 images one at a time
 def test_sigterm_drains_accepted_work_then_exits_0(model_repo, digit_images, tmp_path) -> None:
     repo = tmp_path / "repo"
     (repo / "hrnet" / "1").mkdir(parents=True)
@@ -108,6 +109,7 @@ def test_sigterm_drains_accepted_work_then_exits_0(model_repo, digit_images, tmp
             proc.wait()
 
 
+@pytest.mark.slow  # 10-18 s: hrnet serve and a Triton client process under load
 @pytest.mark.parametrize("workers", ["1", "2"], ids=["one process", "two front ends"])
 def test_sigterm_under_load_ends_every_call_ok_or_unavailable(model_repo, tmp_path, workers) -> None:
     """16 tritonclient callers (a child process) and 16 of ours, retries off, through SIGTERM.

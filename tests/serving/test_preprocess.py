@@ -121,6 +121,7 @@ def test_resized_shape_follows_mindspore_rounding() -> None:
     assert resized_shape(37, 48, 37) == (37, 47)
 
 
+@pytest.mark.slow  # ~5 s: the MindSpore data pipeline over the digits val split
 def test_same_top1_as_the_training_evaluation_on_every_digits_val_image(tmp_path: Path) -> None:
     """A seeded network fed both paths' tensors makes the same prediction on every val image."""
     val = write_digits(tmp_path) / "val"

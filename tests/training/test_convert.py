@@ -23,6 +23,8 @@ from training.checkpoint import load_into, read_checkpoint, save_checkpoint
 from training.convert import ConversionError, convert_official, name_table, to_official
 from training.model import ARCHS, create_model
 
+pytestmark = pytest.mark.slow  # builds W48 and official PyTorch networks and converts their weights
+
 ARCH = "w18_small_v1"
 CLASSES = 10
 META = ModelMetadata(

@@ -36,6 +36,8 @@ from training.export import (
 from training.model import create_model
 from training.onnx_graph import ONNX_OPSET, BakedBatchError, finish_graph, opset
 
+pytestmark = pytest.mark.slow  # exports networks (W48 included) and compares three runtimes
+
 ARCH = "w18_small_v1"
 CLASSES = 10
 SIZE = 32

@@ -42,10 +42,15 @@ def imagenet_models() -> dict[str, nn.Cell]:
     return {arch: create_model(arch, 1000) for arch in ARCHS}
 
 
+# Building all nine widths at 1000 classes takes ~50 s: every test that uses them is slow.
+uses_imagenet_models = pytest.mark.slow
+
+
 def test_registry_covers_every_published_width() -> None:
     assert set(ARCHS) == set(PUBLISHED_MILLIONS)
 
 
+@uses_imagenet_models
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_parameter_counts_match_the_official_architecture(imagenet_models: dict, arch: str) -> None:
     trainable, total = count_params(imagenet_models[arch])
@@ -54,6 +59,7 @@ def test_parameter_counts_match_the_official_architecture(imagenet_models: dict,
     assert total > trainable  # BatchNorm running statistics are parameters too, but not trainable
 
 
+@uses_imagenet_models
 def test_w48_state_dict_has_the_official_tensor_count(imagenet_models: dict) -> None:
     names = [p.name for p in imagenet_models["w48"].get_parameters()]
     assert len(names) == 1631
@@ -72,6 +78,7 @@ def test_w48_state_dict_has_the_official_tensor_count(imagenet_models: dict) -> 
         assert key in names
 
 
+@uses_imagenet_models
 def test_w48_macs_at_224_match_published_figures(imagenet_models: dict) -> None:
     macs = count_macs(imagenet_models["w48"], 224)
     # Counted once with hooks on a full 224-pixel pass; the proxy pass must reproduce it exactly.
@@ -80,11 +87,13 @@ def test_w48_macs_at_224_match_published_figures(imagenet_models: dict) -> None:
         assert abs(macs - published) / published < 0.10
 
 
+@uses_imagenet_models
 def test_mac_count_rejects_sizes_hrnet_cannot_fuse(imagenet_models: dict) -> None:
     with pytest.raises(ValueError, match="multiple of 32"):
         count_macs(imagenet_models["w18_small_v1"], 100)
 
 
+@uses_imagenet_models
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_forward_at_64_gives_batch_by_classes(imagenet_models: dict, arch: str) -> None:
     net = imagenet_models[arch]
@@ -94,6 +103,7 @@ def test_forward_at_64_gives_batch_by_classes(imagenet_models: dict, arch: str) 
     assert np.isfinite(out.asnumpy()).all()
 
 
+@pytest.mark.slow  # ~3 s: a 224-pixel forward pass
 def test_forward_at_224_with_custom_class_count() -> None:
     net = create_model("w18_small_v1", num_classes=7)
     net.set_train(False)
@@ -101,6 +111,7 @@ def test_forward_at_224_with_custom_class_count() -> None:
     assert out.shape == (1, 7)
 
 
+@pytest.mark.slow  # ~6 s: eval and training-mode passes
 def test_batch_norm_uses_running_statistics_in_eval_and_batch_statistics_in_training() -> None:
     """The same image in two different batches: in eval mode its logits do not depend on its
     batch-mates (BatchNorm normalises with the running statistics); in training mode they do
@@ -125,6 +136,7 @@ def test_batch_norm_uses_running_statistics_in_eval_and_batch_statistics_in_trai
     assert change_with_batch_mates() > 0.1  # measured 1.4: the batch statistics differ widely
 
 
+@pytest.mark.slow  # ~16 s: five training steps
 def test_a_training_step_changes_weights_and_lowers_the_loss() -> None:
     ms.set_seed(3)
     net = create_model("w18_small_v1", num_classes=4)

@@ -27,6 +27,8 @@ from training.digits import write_digits
 from training.lr import learning_rates
 from training.model import create_model
 
+pytestmark = pytest.mark.slow  # trains on the digits set, under msrun too
+
 BIN = Path(sys.executable).parent
 HRNET = [sys.executable, "-m", "hrnet"]
 EPOCH_LINE = re.compile(

@@ -385,6 +385,7 @@ def _quiet_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "GLOG_v"} | {"PYTHONPATH": str(REPO)}
 
 
+@pytest.mark.slow  # ~4-5 s: a Python process importing MindSpore and training a step
 def test_no_deprecation_warnings_from_our_calls(tmp_path):
     probe = (
         "import numpy as np\n"
@@ -409,6 +410,7 @@ def test_no_deprecation_warnings_from_our_calls(tmp_path):
     assert "deprecated" not in result.stderr, result.stderr  # device_target, FusedSparseAdam
 
 
+@pytest.mark.slow  # ~9 s: hrnet eval in a process of its own
 def test_eval_shows_progress_and_no_deprecation_warning(image_folder, tmp_path):
     ckpt = save_checkpoint(
         create_model(ARCH, CLASSES),
