@@ -326,11 +326,10 @@ class ModelControl:
     ) -> str:
         """Load `source` and route to it (draining what it replaces); the failure, or ""."""
         config = source.config
-        threads = config.intra_op_threads(self._cores, instances_served=instances)
-        # auto: the runtime's threads must not spin on the cores the front-end processes need.
-        spin = config.spin if config.spin != "auto" else ("off" if self.config.front_ends() > 1 else "on")
-        config = dataclasses.replace(config, threads_per_instance=threads, spin=spin)
-        source = dataclasses.replace(source, config=config)
+        if not config.threads_per_instance:
+            threads = config.intra_op_threads(self._cores, instances_served=instances)
+            config = dataclasses.replace(config, threads_per_instance=threads)
+            source = dataclasses.replace(source, config=config)
         if record.model is None:
             record.state, record.reason = LOADING, ""
         cfg = self.config

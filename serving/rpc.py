@@ -20,9 +20,15 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
+from serving.codec import parse_infer_request
 from serving.errors import InvalidArgument, describe
 
 log = logging.getLogger(__name__)
+# Requests parsed with their large buffers left where gRPC delivered them (serving.codec).
+IN_PLACE: dict[str, Callable[[bytes], Any]] = {
+    "/inference.GRPCInferenceService/ModelInfer": parse_infer_request,
+    "/inference.GRPCInferenceService/ModelStreamInfer": parse_infer_request,
+}
 
 FLUSH_S = 0.5  # after the last answer was handed to gRPC: time for it to leave through the socket
 Req = TypeVar("Req")
@@ -176,7 +182,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         return True
 
     def _guard(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        deserialize = handler.request_deserializer
+        deserialize = IN_PLACE.get(method, handler.request_deserializer)
 
         def parse(data: bytes) -> Any:
             try:

@@ -117,9 +117,7 @@ class OnnxRuntimeBackend(Backend):
         options.intra_op_num_threads = self.config.intra_op_threads()
         options.inter_op_num_threads = 1
         # Spinning threads would take the cores the front ends need (see ModelConfig.spin).
-        options.add_session_config_entry(
-            "session.intra_op.allow_spinning", "0" if self.config.spin == "off" else "1"
-        )
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.config.spin else "0")
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         unknown = sorted(set(self.config.provider_options) - set(ort.get_all_providers()))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protos import classifier_pb2
 from protos import grpc_service_pb2 as pb
@@ -94,3 +96,39 @@ def test_classify_request_needs_images_or_a_tensor_of_the_right_size() -> None:
         codec.decode_classify_request(classifier_pb2.ClassifyRequest(tensor=tensor))
     with pytest.raises(InvalidArgument, match="either images or a tensor"):
         codec.decode_classify_request(classifier_pb2.ClassifyRequest(images=[b"x"], tensor=tensor))
+
+
+@given(
+    raws=st.lists(st.binary(max_size=300), max_size=3),
+    name=st.text(max_size=20),
+    shape=st.lists(st.integers(0, 2**40), max_size=5),
+    priority=st.integers(0, 2**63 - 1),
+)
+@settings(max_examples=60, deadline=None)
+def test_in_place_parse_is_protobufs_parse_with_the_buffers_left_in_place(
+    raws, name, shape, priority
+) -> None:
+    request = pb.ModelInferRequest(model_name=name, id="r")
+    request.inputs.add(name="image", datatype="FP32", shape=shape)
+    request.parameters["priority"].uint64_param = priority
+    request.outputs.add(name="logits")
+    request.raw_input_contents.extend(raws)
+    data = request.SerializeToString()
+    parsed = codec.parse_infer_request(data)
+    assert [bytes(raw) for raw in parsed.raw_input_contents] == raws
+    assert all(raw.obj is data for raw in parsed.raw_input_contents)  # views, not copies
+    del request.raw_input_contents[:]
+    assert parsed.message == request
+    assert (parsed.model_name, list(parsed.inputs[0].shape)) == (name, shape)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\x3a\x05abc", b"\x3a\xff\xff", b"\x0f", b"\x08" + b"\xff" * 11, b"\x0a\x02\xff\xff"],
+    ids=["raw overruns", "length truncated", "wire type 7", "varint too long", "bad utf-8 name"],
+)
+def test_in_place_parse_refuses_what_protobuf_refuses(data: bytes) -> None:
+    with pytest.raises(Exception):  # noqa: B017 - protobuf's DecodeError or ours
+        pb.ModelInferRequest.FromString(data)
+    with pytest.raises(Exception):  # noqa: B017
+        codec.parse_infer_request(data)
