@@ -39,6 +39,14 @@ def stats(stub) -> pb.ModelStatistics:
     return stub.ModelStatistics(pb.ModelStatisticsRequest(name="hrnet")).model_stats[0]
 
 
+def until(condition, timeout_s: float = 20) -> None:
+    """Wait for the server's own accounting to show something, however long the machine takes."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the server never showed it"
+        time.sleep(0.01)
+
+
 def test_concurrent_requests_run_in_batches_and_a_lone_one_waits_at_most_the_delay(
     start_server, onnx_repo, digit_images
 ) -> None:
@@ -91,7 +99,8 @@ def test_full_queue_fails_fast_with_resource_exhausted(start_server, onnx_repo, 
 
 
 def test_expired_and_cancelled_requests_are_never_computed(start_server, onnx_repo, digit_images) -> None:
-    # A long batching wait keeps a lone request queued long enough to expire or be cancelled.
+    # A long batching wait keeps a lone request queued long enough to expire or be cancelled: 400 ms
+    # against 50 ms deadlines, 8x for a loaded machine.
     server = start_server(onnx_repo, max_batch_size=16, max_queue_delay_us=400_000, adaptive_delay=False)
     png = digit_images[0].png
     with grpc.insecure_channel(server.address) as channel:
@@ -106,11 +115,13 @@ def test_expired_and_cancelled_requests_are_never_computed(start_server, onnx_re
             stub.ModelInfer(image_request(png), timeout=0.05)  # the client's gRPC deadline
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
+        until(lambda: server.metric("hrnet_dropped_images_total") == 2)  # both left the queue
         call = stub.ModelInfer.future(image_request(png), timeout=30)
-        time.sleep(0.1)
+        until(lambda: server.metric("hrnet_queue_depth_images") == 1)  # queued at the server
         assert call.cancel()
 
-        time.sleep(0.6)  # past the batching wait: anything still queued would have run by now
+        # Dropped, so nothing is left in the queue to run later: no fixed wait past the delay.
+        until(lambda: server.metric("hrnet_dropped_images_total") == 3)
         after = stats(stub)
         assert after.inference_count == 0 and after.execution_count == 0
         dropped = server.metric("hrnet_dropped_images_total")
