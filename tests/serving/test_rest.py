@@ -354,7 +354,11 @@ def test_a_busy_port_is_a_clean_start_error(start_server, plain_repo, port) -> N
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = taken.getsockname()[1]
-        threads = threading.active_count()
+        before = set(threading.enumerate())
         with pytest.raises(ListenError, match=f"cannot listen on 127.0.0.1:{busy} for "):
             start_server(plain_repo, **{port: busy})
-    assert threading.active_count() == threads  # nothing left running
+    # Nothing left running: no thread that was not there before (comparing counts failed when a
+    # thread of an earlier test ended meanwhile). grpc.aio's poller, started once per process by
+    # the first server and kept by design, is not ours.
+    left = {t for t in threading.enumerate() if "_poll_wrapper" not in t.name}
+    assert left <= before, left - before
