@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def hrnet(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hrnet", *args], capture_output=True, text=True, timeout=300)
@@ -23,6 +25,7 @@ def test_unknown_command_exits_2() -> None:
     assert "unknown command 'frobnicate'" in result.stderr
 
 
+@pytest.mark.slow  # 3-5 s: hrnet info in a process of its own builds the network
 def test_info_prints_exact_counts() -> None:
     result = hrnet("info", "--arch", "w18_small_v1", "--num-classes", "10", "--input-size", "64")
     assert result.returncode == 0, result.stderr
@@ -32,6 +35,7 @@ def test_info_prints_exact_counts() -> None:
     assert "MACs per image" in result.stdout
 
 
+@pytest.mark.slow  # 3-5 s: two hrnet processes importing MindSpore
 def test_info_rejects_bad_arguments_without_traceback() -> None:
     result = hrnet("info", "--arch", "w99")
     assert result.returncode == 2

@@ -127,6 +127,7 @@ def test_load_against_a_running_server_by_url(grpc_server, model_repo, digit_ima
     assert "encoded images" in report["workload"]["input"] and report["workload"]["api"] == "classifier"
 
 
+@pytest.mark.slow  # 3-5 s: an open-loop load of the shared server
 def test_open_loop_streaming_and_errors_by_status(grpc_server, digit_images) -> None:
     """Poisson arrivals over one ClassifyStream with images; a wrong model name fails as NOT_FOUND."""
     model = fetch_model_info(grpc_server.address, "hrnet")

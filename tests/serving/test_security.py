@@ -34,6 +34,7 @@ def _metrics_reachable(host: str, port: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # 5-8 s: two servers loading the whole repository, MindSpore model included
 def test_metrics_listen_on_loopback_unless_configured(model_repo, start_server) -> None:
     external = _external_address()
     if external is None:
