@@ -15,17 +15,28 @@ front-end process over the measured window:
 Each is reported in CPU milliseconds per request. The owner's cap, 1000 / owner ms, is the request
 rate one owner process could sustain if it had a core to itself: the figure that says whether the
 owner, not the front ends or the accelerator, is the limit.
+
+Through gRPC on a small machine the owner is rarely busy (the front ends and the load take the
+cores), and a thread woken for every small batch pays for the wake-up each time. So the owner is
+also measured alone (`--owner-alone`): in this process, fed by a stand-in front end (a thread on
+the other end of the same socket link, writing SUBMIT records and reading DONE ids as fast as
+they come, with a fixed number of requests in flight), which shows what one owner can carry when
+there is work for it.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import io
 import os
 import shlex
+import socket
 import sys
 import tempfile
+import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,6 +265,101 @@ def summarize(rows: list[Row]) -> list[dict[str, Any]]:
         median["repeats"] = len(group)
         out.append(median)
     return out
+
+
+def owner_alone(size: int, in_flight: int, requests: int) -> dict[str, Any]:
+    """The owner's CPU per request fed by a stand-in front end at full speed (see the docstring)."""
+    return asyncio.run(_owner_alone(size, in_flight, requests))
+
+
+async def _owner_alone(size: int, in_flight: int, requests: int) -> dict[str, Any]:
+    from serving.config import BatchingConfig, ModelConfig, ServerConfig
+    from serving.ipc import Arena, aligned
+    from serving.repository import ModelSource
+    from serving.service import DataPlane, load_model
+    from serving.supervisor import FrontEnds
+
+    with tempfile.TemporaryDirectory(prefix="hrnet-owner-") as tmp:
+        path = near_free_model(Path(tmp) / "model.onnx", size)
+        config = ModelConfig(
+            threads_per_instance=1, batching=BatchingConfig(max_batch_size=max(16, in_flight))
+        )
+        model = await asyncio.to_thread(
+            load_model, ModelSource("m", "1", path, config), None, 1, 1 << 30, 1 << 30
+        )
+    plane = DataPlane()
+    await plane.add(model)
+    plane.open()
+    owner = FrontEnds(ServerConfig(model=str(path)), 1, plane, None, None, "")  # type: ignore[arg-type]
+    item = 3 * size * size * 4
+    stride = aligned(item + CLASSES * 4)
+    arena = Arena.create(stride * in_flight, "hrnet-owner-alone")
+    for slot in range(in_flight):
+        arena.array(slot * stride, (1, 3, size, size), np.float32)[...] = 0.5
+    ours, theirs = socket.socketpair()
+    await owner.attach(0, arena, ours)
+    stand_in = threading.Thread(
+        target=_stand_in, args=(theirs, model.slot, in_flight, requests, stride, item)
+    )
+    before = _threads(os.getpid())
+    started = time.perf_counter()
+    stand_in.start()
+    while stand_in.is_alive():
+        await asyncio.sleep(0.01)
+    seconds = time.perf_counter() - started
+    split: dict[str, float] = defaultdict(float)
+    for tid, (name, cpu_s) in _threads(os.getpid()).items():
+        if tid == threading.get_native_id() or name.startswith((OS_NAME_INSTANCE, OS_NAME_POOL)):
+            split[role(tid, threading.get_native_id(), name)] += cpu_s - before.get(tid, (name, 0.0))[1]
+    stats = model.stats.snapshot()
+    await plane.drain(5.0)
+    plane.close()
+    theirs.close()
+    arena.close()
+    owner_ms = {r: 1e3 * split[r] / requests for r in ("event_loop", "instances", "runtime_pool")}
+    total = sum(owner_ms.values())
+    return {
+        "in_flight": in_flight,
+        "req_s": requests / seconds,
+        "mean_batch": stats.inference_count / max(1, stats.execution_count),
+        "owner_ms": owner_ms,
+        "owner_total_ms": total,
+        "owner_cap_req_s": 1000 / total if total > 0 else None,
+    }
+
+
+def _stand_in(sock: socket.socket, slot: int, in_flight: int, requests: int, stride: int, item: int) -> None:
+    """A front end reduced to its link: keeps `in_flight` records outstanding until `requests`."""
+    from serving.ipc import DONE, HEADER, SUBMIT, Kind
+
+    def submit(ids: list[int]) -> None:
+        now = time.monotonic()
+        records = [
+            (i, slot, 1, (i % in_flight) * stride, (i % in_flight) * stride + item, np.nan, 0, now)
+            for i in ids
+        ]
+        body = np.array(records, SUBMIT).tobytes()
+        sock.sendall(HEADER.pack(len(body), Kind.SUBMIT) + body)
+
+    submit(list(range(min(in_flight, requests))))
+    answered, buffer = 0, b""
+    while answered < requests:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            return
+        buffer += chunk
+        while len(buffer) >= HEADER.size:
+            length, kind = HEADER.unpack_from(buffer)
+            if len(buffer) < HEADER.size + length:
+                break
+            body, buffer = buffer[HEADER.size : HEADER.size + length], buffer[HEADER.size + length :]
+            if kind != Kind.DONE:
+                raise RuntimeError(f"the owner answered {Kind(kind).name}, not DONE")
+            done = np.frombuffer(body, DONE).tolist()
+            answered += len(done)
+            fresh = [d + in_flight for d in done if d + in_flight < requests]  # each takes its block
+            if fresh:
+                submit(fresh)
 
 
 def run(args: argparse.Namespace) -> Report:

@@ -59,6 +59,7 @@ from serving.errors import (
 log = logging.getLogger(__name__)
 GAP_SMOOTHING = 0.2  # weight of the newest inter-arrival gap in the running mean
 REPLACEMENT_RETRY_S = 5.0  # pause before trying again when a replacement instance fails to load
+FRUITLESS_SKIPS = 8  # batches sent at once after a wait that gained nothing (_no_company_expected)
 
 
 class Runner(Protocol):
@@ -214,6 +215,8 @@ class Batcher:
         self._free: collections.deque[tuple[Runner, float]] = collections.deque()  # with when it freed
         self._timer: asyncio.TimerHandle | None = None  # the wait for company, while one runs
         self._kick_scheduled = False
+        self._wait_base: int | None = None  # images queued when the current wait began
+        self._skip_waits = 0  # batches still to go without waiting, after a fruitless wait
         # Bound to the running loop: made in start().
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: asyncio.Event | None = None
@@ -399,7 +402,12 @@ class Batcher:
             if not (full or wait_until <= now or self._closing or self._no_company_expected(wait_until)):
                 assert self._loop is not None
                 self._timer = self._loop.call_later(wait_until - now, self._kick)
+                if self._wait_base is None:
+                    self._wait_base = self._queued_images
                 break
+            if self._wait_base is not None and wait_until <= now and self._queued_images <= self._wait_base:
+                self._skip_waits = FRUITLESS_SKIPS  # the wait ran out and nobody came
+            self._wait_base = None
             self._free.popleft()
             self._dispatch(runner, self._take())
         self._check_idle()
@@ -421,10 +429,17 @@ class Batcher:
         """At the recent arrival rate, would the next request come only after the wait ends?
 
         Then waiting adds latency and buys no batching: at low load a lone request goes at once.
-        With no history yet nothing suggests company is coming either.
+        With no history yet nothing suggests company is coming either. Nor does a wait that just
+        ran out with nobody arriving: then the next FRUITLESS_SKIPS batches go at once. That is a
+        closed loop whose callers are all queued (one sequential client): the gaps between its
+        requests are the waits themselves, so the rate alone would keep every request waiting
+        the full delay.
         """
         if not self.config.adaptive_delay:
             return False
+        if self._skip_waits:
+            self._skip_waits -= 1
+            return True
         if self._mean_gap is None or self._last_arrival is None:
             return True
         return self._last_arrival + self._mean_gap > wait_until

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 ALIGN = 64  # block offsets: cache lines, and aligned for every dtype
-_HEADER = struct.Struct("<IB")  # body length, kind
+HEADER = struct.Struct("<IB")  # body length, kind
 
 
 class Kind(enum.IntEnum):
@@ -234,12 +234,12 @@ class Link(asyncio.Protocol):
         self._buffer += data
         view, pos = memoryview(self._buffer), 0
         frames: list[tuple[int, bytes]] = []
-        while len(view) - pos >= _HEADER.size:
-            length, kind = _HEADER.unpack_from(view, pos)
-            end = pos + _HEADER.size + length
+        while len(view) - pos >= HEADER.size:
+            length, kind = HEADER.unpack_from(view, pos)
+            end = pos + HEADER.size + length
             if end > len(view):
                 break
-            frames.append((kind, bytes(view[pos + _HEADER.size : end])))
+            frames.append((kind, bytes(view[pos + HEADER.size : end])))
             pos = end
         view.release()
         del self._buffer[:pos]
@@ -282,7 +282,7 @@ class Link(asyncio.Protocol):
                 body = pickle.dumps(items[0], protocol=pickle.HIGHEST_PROTOCOL)
             else:
                 body = np.array(items, RECORDS[kind]).tobytes()
-            chunks += [_HEADER.pack(len(body), kind), body]
+            chunks += [HEADER.pack(len(body), kind), body]
         self._transport.write(b"".join(chunks))
 
     def close(self) -> None:

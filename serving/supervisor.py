@@ -47,7 +47,7 @@ REAP_POLL_S = 0.02
 @dataclass(eq=False)
 class _FrontEnd:
     index: int
-    process: subprocess.Popen
+    process: subprocess.Popen | None  # None: a stand-in in this process (a benchmark's)
     arena: Arena
     link: Link | None = None
     listening: asyncio.Future[None] | None = None
@@ -82,7 +82,7 @@ class FrontEnds:
         self._restarts: set[asyncio.Task[None]] = set()
 
     def pids(self) -> list[int]:
-        return [fe.process.pid for fe in self._front_ends.values()]
+        return [fe.process.pid for fe in self._front_ends.values() if fe.process is not None]
 
     async def start(self, port: int) -> None:
         """Start every front end and wait until each listens; a StartError (all stopped) otherwise."""
@@ -100,18 +100,9 @@ class FrontEnds:
         command += ["--link", str(child.fileno()), "--arena", str(arena.fd), "--index", str(index)]
         with child:
             process = subprocess.Popen(command, pass_fds=(child.fileno(), arena.fd))
-        fe = _FrontEnd(index, process, arena)
-        fe.listening = asyncio.get_running_loop().create_future()
-        self._front_ends[index] = fe
-        if self.metrics:
-            fe.requests = self.metrics.frontend_requests.labels(str(index))
-        fe.link = await open_link(
-            parent,
-            lambda kind, records: self._on_records(fe, kind, records),
-            lambda message: self._on_control(fe, message),
-            lambda: self._on_lost(fe),
-        )
+        fe = await self.attach(index, arena, parent, process)
         fe.link.send(ipc.Configure(self.config, self.owner_address, self.port, arena.size))
+        assert fe.listening is not None
         try:
             await asyncio.wait_for(asyncio.shield(fe.listening), START_TIMEOUT_S)
         except TimeoutError:
@@ -124,6 +115,25 @@ class FrontEnds:
                 self._call(fe, lambda seq: ipc.Regions(seq, self._regions())),
             )
         log.info("front end listening", extra={"worker": index, "pid": process.pid, "port": self.port})
+
+    async def attach(
+        self, index: int, arena: Arena, sock: socket.socket, process: subprocess.Popen | None = None
+    ) -> _FrontEnd:
+        """Take requests from the front end at the other end of `sock`, writing into `arena`.
+        `hrnet bench overhead` attaches a stand-in (no process) to measure the owner alone."""
+        fe = _FrontEnd(index, process, arena)
+        if process is not None:  # a stand-in listens nowhere
+            fe.listening = asyncio.get_running_loop().create_future()
+        self._front_ends[index] = fe
+        if self.metrics:
+            fe.requests = self.metrics.frontend_requests.labels(str(index))
+        fe.link = await open_link(
+            sock,
+            lambda kind, records: self._on_records(fe, kind, records),
+            lambda message: self._on_control(fe, message),
+            lambda: self._on_lost(fe),
+        )
+        return fe
 
     def _models(self) -> list[Any]:
         return [model.view() for model in self.plane.models]
@@ -277,7 +287,7 @@ class FrontEnds:
         code = await self._reap(fe, STOP_TIMEOUT_S)
         log.error(
             "front end died; starting another",
-            extra={"worker": fe.index, "pid": fe.process.pid, "exit": code},
+            extra={"worker": fe.index, "pid": fe.process.pid if fe.process else None, "exit": code},
         )
         if self.metrics:
             self.metrics.frontend_restarts.inc()
@@ -298,7 +308,8 @@ class FrontEnds:
         Polled, not waited for on a thread: a stopped server leaves no thread behind.
         """
         deadline = time.monotonic() + timeout_s
-        while (code := fe.process.poll()) is None:
+        code = None
+        while fe.process is not None and (code := fe.process.poll()) is None:
             if time.monotonic() > deadline:
                 fe.process.kill()
                 deadline = float("inf")

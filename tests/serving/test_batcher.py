@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from serving.backends.instance import ModelInstance
-from serving.batcher import Batcher, BatchRecord
+from serving.batcher import FRUITLESS_SKIPS, Batcher, BatchRecord
 from serving.config import BatchingConfig
 from serving.errors import (
     DeadlineExceeded,
@@ -250,6 +250,33 @@ async def test_adaptive_delay_skips_the_wait_when_no_company_is_due() -> None:
     assert (await waiting).ravel().tolist() == [2]
     assert rec.records[0].queue_s == (pytest.approx(0.3),)
     await dense.close()
+
+
+async def test_a_wait_nobody_joined_lets_the_next_batches_go_at_once() -> None:
+    """One sequential caller, arriving a little faster than the delay: by the arrival rate every
+    request would wait for company, and the waits themselves set the rate. After one wait runs
+    out with nobody arriving, the next FRUITLESS_SKIPS requests go at once."""
+    clock, runner, rec = FakeClock(), Doubler(), Recorder()
+    batcher = await _started([runner], rec, clock, max_batch_size=8, max_queue_delay_us=20_000)
+    for _ in range(3):  # one request every 10 ms: company is due within the 20 ms wait
+        batcher._note_arrival(clock.now)
+        clock.now += 0.010
+    waiting = asyncio.create_task(batcher.submit(items(1)))
+    await _settle()
+    assert not runner.entered.is_set()  # it waits, as the rate says
+    clock.now += 0.020  # nobody came; its timer (20 ms, real time) finds the wait over
+    assert (await waiting).ravel().tolist() == [2]
+    for _ in range(FRUITLESS_SKIPS):  # still one every 10 ms, but these go at once
+        clock.now += 0.010
+        assert (await asyncio.wait_for(batcher.submit(items(1)), 10)).ravel().tolist() == [2]
+    assert [r.queue_s for r in rec.records[1:]] == [(0.0,)] * FRUITLESS_SKIPS
+    clock.now += 0.010
+    again = asyncio.create_task(batcher.submit(items(1)))
+    await _settle()
+    assert len(rec.records) == 1 + FRUITLESS_SKIPS  # then it waits again, to see whether company comes
+    clock.now += 0.020
+    await again
+    await batcher.close()
 
 
 async def test_a_closed_loop_forms_full_batches_with_one_instance() -> None:
