@@ -240,6 +240,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring (default 2)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds measured per run (default 10)")
     p.add_argument("--serve-args", default="", help="more `hrnet serve` flags")
+    p.add_argument(
+        "--owner-alone",
+        type=lambda text: tuple(int(v) for v in text.split(",") if v),
+        default=(1, 2, 16),
+        metavar="LIST",
+        help="requests in flight when the owner is fed by a stand-in front end (default 1,2,16; empty: skip)",
+    )
+    p.add_argument(
+        "--owner-requests", type=int, default=5000, help="requests per owner-alone run (default 5000)"
+    )
     _output(p)
 
 

@@ -385,7 +385,9 @@ def run(args: argparse.Namespace) -> Report:
                         f"{row.req_s:.0f} req/s, owner {row.owner_total_ms:.3f} ms/req",
                         file=sys.stderr,
                     )
+    alone = [owner_alone(args.size, k, args.owner_requests) for k in args.owner_alone]
     document = {
+        "owner_alone": alone,
         "concurrency": args.concurrency,
         "load_processes": args.workers,
         "size": args.size,

@@ -310,6 +310,22 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, Table | list[str]]]:
             f"{o['load_processes']} load processes, median of the repeats"
         )
         sections.append((title, overhead_table(o["summary"])))
+        if o["owner_alone"]:
+            rows = [
+                [
+                    str(r["in_flight"]),
+                    _f(r["req_s"], 0),
+                    _f(r["mean_batch"]),
+                    _f(r["owner_total_ms"], 3),
+                    *(_f(r["owner_ms"][k], 3) for k in ("event_loop", "instances", "runtime_pool")),
+                    _f(r["owner_cap_req_s"], 0),
+                ]
+                for r in o["owner_alone"]
+            ]
+            header = ["in flight", "req/s", "batch", "owner", "loop", "instances", "pool", "owner cap req/s"]
+            sections.append(
+                ("The owner alone, fed by a stand-in front end (CPU ms per request)", (header, rows))
+            )
     return sections
 
 

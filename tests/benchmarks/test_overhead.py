@@ -18,6 +18,7 @@ from benchmarks.overhead import ROLES, near_free_model, role
 from hrnet.cli import main
 from serving.backends.instance import OS_NAME_INSTANCE, OS_NAME_POOL
 
+
 def test_the_near_free_model_is_a_classifier_that_reads_three_numbers(tmp_path: Path) -> None:
     path = near_free_model(tmp_path / "m" / "model.onnx", 32, classes=4)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -41,6 +42,7 @@ def test_one_and_two_processes_measured_split_and_reported(tmp_path: Path, capsy
     out = tmp_path / "report"
     args = ["bench", "overhead", "--serve-workers", "1,2", "--payloads", "fp32,jpeg", "--size", "32"]
     args += ["--concurrency", "4", "--warmup", "0.5", "--duration", "1.5", "--report", str(out)]
+    args += ["--owner-alone", "1,4", "--owner-requests", "200"]
     assert main(args) == 0
     report = json.loads((out / "overhead.json").read_text())
     summary = report["overhead"]["summary"]
@@ -60,6 +62,12 @@ def test_one_and_two_processes_measured_split_and_reported(tmp_path: Path, capsy
         assert row["front_end_processes"] == (0 if row["serve_workers"] == 1 else 2)
         if row["serve_workers"] == 1:
             assert row["front_ends_ms"] == 0
+    alone = report["overhead"]["owner_alone"]
+    assert [r["in_flight"] for r in alone] == [1, 4]
+    for r in alone:  # every request answered; batches never hold more than is in flight
+        assert r["req_s"] > 0 and 1 <= r["mean_batch"] <= r["in_flight"]
+        assert set(r["owner_ms"]) == {"event_loop", "instances", "runtime_pool"}
     text = capsys.readouterr().out
     assert "Server CPU per request (ms), near-free model" in text and "owner cap req/s" in text
+    assert "The owner alone, fed by a stand-in front end" in text
     assert (out / "overhead.md").exists() and (out / "overhead_owner_cap.png").stat().st_size > 0
