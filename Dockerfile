@@ -64,17 +64,25 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 FROM gpu-python AS gpu-build
+# Extra pip requirements: "onnxruntime-gpu[cuda,cudnn]" brings CUDA and cuDNN as pip packages,
+# for a CUDA_IMAGE without them (a plain Debian or Ubuntu image with python3).
+ARG GPU_EXTRA_REQUIREMENTS=
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3-venv \
     && rm -rf /var/lib/apt/lists/*
 COPY . /src
 RUN python3 -m venv /opt/hrnet \
-    && /opt/hrnet/bin/pip install --no-cache-dir -c /src/constraints.txt "/src[gpu]"
+    && /opt/hrnet/bin/pip install --no-cache-dir -c /src/constraints.txt \
+        "/src[gpu]" ${GPU_EXTRA_REQUIREMENTS:+"$GPU_EXTRA_REQUIREMENTS"}
 
 FROM gpu-python AS gpu
 RUN useradd --system --uid 10001 --user-group --no-create-home hrnet
 COPY --from=gpu-build /opt/hrnet /opt/hrnet
+# CUDA and cuDNN from pip (GPU_EXTRA_REQUIREMENTS) lie inside the venv, where the dynamic loader
+# does not look: list their folders for it (none on a CUDA_IMAGE that ships them).
+RUN find /opt/hrnet/lib -type d -path "*/site-packages/nvidia/*/lib" > /etc/ld.so.conf.d/hrnet-pip-cuda.conf \
+    && ldconfig
 ENV PATH=/opt/hrnet/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HRNET_REPO=/models \

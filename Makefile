@@ -34,3 +34,9 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+
+# Build the cpu, gpu and train images with podman and run them (root, network, several minutes;
+# not part of `make test`). Run it before any change to the Dockerfile or deploy/ lands.
+.PHONY: image-test
+image-test: $(STAMP)
+	$(BIN)/python deploy/image_test.py

@@ -1,6 +1,7 @@
 """The Dockerfile: hadolint-clean, its targets agree, and its commands run as written.
 
-No Docker engine is reachable here, so the image is not built. What can be proven without one:
+The images are built and run by `make image-test` (deploy/image_test.py: root, podman, minutes
+of network), not here. What can be proven without building:
 the file passes hadolint; the serving targets share one runtime configuration; every HRNET_*
 variable it sets is a setting the server reads; and the ENTRYPOINT and HEALTHCHECK commands,
 taken from the file exactly as written, start a real server from this environment and report
