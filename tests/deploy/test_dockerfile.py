@@ -114,6 +114,7 @@ def _health(stage: Stage, env: dict[str, str]) -> subprocess.CompletedProcess[st
     return subprocess.run(stage.healthcheck, env=env, capture_output=True, text=True, timeout=30)
 
 
+@pytest.mark.slow  # 3-10 s: hrnet serve started by the entrypoint, polled by the healthcheck, in processes
 def test_entrypoint_and_healthcheck_run_as_written(
     dockerfile: dict[str, Stage], one_model_repo: Path
 ) -> None:
