@@ -145,6 +145,10 @@ ELSEWHERE: dict[str, Elsewhere] = {
         "a sweep of a minute and more on both cores",
         "tests/benchmarks/test_bench.py::test_load_sweep_writes_reports_that_parse_back",
     ),
+    r"hrnet bench overhead .*": Elsewhere(
+        "six servers under load for a minute and more on both cores",
+        "tests/benchmarks/test_overhead.py::test_one_and_two_processes_measured_split_and_reported",
+    ),
     r"hrnet bench soak .*": Elsewhere(
         "minutes of overload on both cores, and the demo's export",
         "tests/benchmarks/test_soak.py::test_a_short_soak_at_twice_capacity_holds_every_property",

@@ -469,7 +469,7 @@ async def test_a_hung_instance_fails_its_batch_and_is_replaced_while_the_other_s
     stuck = asyncio.create_task(b.submit(items(1)))  # the first free instance: the hanging one
     await _settle()
     assert (await b.submit(items(2))).ravel().tolist() == [4]  # served meanwhile by the other
-    # execution_timeout_s is counted by the batcher in real time (asyncio.wait_for), not on an
+    # execution_timeout_s is counted by the batcher in real time (a loop timer), not on an
     # injectable clock: this test really waits its 0.3 s; the batcher's code would have to change
     # for it not to.
     with pytest.raises(ExecutionTimeout, match=r"execution_timeout_s 0\.3 s; it is being replaced"):
