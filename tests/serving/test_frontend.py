@@ -283,3 +283,41 @@ def test_repository_calls_reach_the_owner_and_every_worker_routes_by_the_new_cat
         assert [(m.name, m.version, m.state) for m in index.models] == [("hrnet", "2", "READY")]
         stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="hrnet"), timeout=60)
         assert infer_all() == {"NOT_FOUND"}
+
+
+def test_records_carry_large_requests_deadlines_and_cancellations(start_server, repo, model_repo) -> None:
+    """Through a worker: a request larger than max_batch_size is split by the owner and merged
+    back; a request whose `timeout` passes while it waits in the queue is DEADLINE_EXCEEDED and
+    not computed; a caller that gives up is withdrawn and counted CANCELLED."""
+    running = start_server(
+        repo, workers=2, max_batch_size=4, max_queue_delay_us=30_000_000, adaptive_delay=False
+    )
+    rng = np.random.default_rng(1)
+    batch = rng.normal(0, 1, (8, 3, 32, 32)).astype(np.float32)
+    with grpc.insecure_channel(running.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        # 8 rows: two full batches of 4, merged back in order
+        session = ort.InferenceSession(str(model_repo.onnx), providers=["CPUExecutionProvider"])
+        big = _infer_request(batch)
+        big.parameters["timeout"].int64_param = 60_000_000
+        np.testing.assert_allclose(
+            _logits(stub.ModelInfer(big, timeout=60)),
+            session.run(None, {"image": batch})[0],
+            rtol=1e-4,
+            atol=1e-5,
+        )
+        lone = _infer_request(batch[:1])  # waits 30 s for company that never comes
+        lone.parameters["timeout"].int64_param = 300_000  # 0.3 s in the queue
+        with pytest.raises(grpc.RpcError) as expired:
+            stub.ModelInfer(lone, timeout=20)
+        assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "in the queue; not computed" in (expired.value.details() or "")
+        leaving = stub.ModelInfer.future(_infer_request(batch[:1]))  # no deadline: it waits...
+        time.sleep(0.5)
+        assert leaving.cancel()  # ...until its caller gives up
+    deadline = time.monotonic() + 10
+    while running.metric("hrnet_requests_total", model="hrnet", code="CANCELLED") < 1:
+        assert time.monotonic() < deadline, "the withdrawn request was never counted"
+        time.sleep(0.05)
+    assert running.metric("hrnet_requests_total", model="hrnet", code="DEADLINE_EXCEEDED") == 1
+    assert running.metric("hrnet_requests_total", model="hrnet", code="OK") == 1
