@@ -388,7 +388,7 @@ def test_cpu(work: Path) -> dict:
         server = Server(container, config_of(name)["Entrypoint"], env, work / "cpu-server.log")
         try:
             server.wait_healthy(container, env, 120)
-            results["classify"] = classify_from_outside(ports, models, work / "images")
+            results |= classify_from_outside(ports, models, work / "images")
             with urllib.request.urlopen(f"http://127.0.0.1:{ports['metrics']}/readyz", timeout=10) as reply:
                 expect(reply.status == 200, f"/readyz on the metrics port answers {reply.status}")
             pid = listening_pid(ports["grpc"])
@@ -468,7 +468,7 @@ def classify_from_outside(ports: dict[str, int], models: Path, images: Path) -> 
     expected = batch[:, :, 0, 0] @ numpy_helper.to_array(weights).reshape(CLASSES, 3).T
     for proto, logits in answers.items():
         expect(np.allclose(logits, expected, atol=1e-4), f"tritonclient.{proto}: the logits are the model's")
-    return {"classify": result.stdout.strip().splitlines()[:3]}
+    return {"classify_first_answer": result.stdout.strip().splitlines()[:3]}
 
 
 def test_train(work: Path) -> dict:
@@ -575,7 +575,7 @@ def test_gpu(work: Path) -> dict:
         ]
         say(
             "gpu image: the server's records about the device:\n    "
-            + "\n    ".join(map(json.dumps, about_device))
+            + ("\n    ".join(map(json.dumps, about_device)) or "(none)")
         )
         say("gpu image: onnxruntime's own lines:\n    " + "\n    ".join(line[:300] for line in runtime_lines))
         says_no_gpu = any(
