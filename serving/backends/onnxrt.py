@@ -164,6 +164,15 @@ class OnnxRuntimeBackend(Backend):
         self._on_gpu = any(
             p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in self.providers
         )
+        if self.config.device == "gpu" and not self._on_gpu:
+            # onnxruntime falls back to the CPU quietly, and its own messages blame cuDNN or TensorRT.
+            log.warning(
+                "device gpu, but no GPU is usable here: %s serves on the CPU (providers %s; "
+                "onnxruntime offers %s). Check nvidia-smi, the driver and onnxruntime-gpu's CUDA libraries",
+                self.path.name,
+                ",".join(self.providers),
+                ",".join(ort.get_available_providers()),
+            )
 
     def _probe_inputs(self, ort: Any) -> list:
         """The input's name and shape before the real session, for TensorRT's shape profile: a CPU

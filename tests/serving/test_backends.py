@@ -116,3 +116,17 @@ def test_threads_per_instance_never_oversubscribe() -> None:
     # several models and versions share the machine: 4 instances served in all on 8 cores
     assert ModelConfig(instances=1).intra_op_threads(cores=8, instances_served=4) == 2
     assert ModelConfig(instances=2).intra_op_threads(cores=2, instances_served=5) == 1
+
+
+def test_device_gpu_without_a_usable_gpu_says_so_and_serves_on_the_cpu(model_repo, caplog) -> None:
+    """onnxruntime falls back to the CPU without a word of its own that says so."""
+    if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(ort.get_available_providers()):
+        pytest.skip("onnxruntime-gpu is installed here: a GPU may be usable")
+    with caplog.at_level("WARNING", logger="serving.backends.onnxrt"):
+        backend = open_backend(model_repo.onnx, ModelConfig(device="gpu"))
+    try:
+        assert backend.providers == ["CPUExecutionProvider"]
+        warning = " ".join(r.getMessage() for r in caplog.records)
+        assert "device gpu, but no GPU is usable here" in warning and "serves on the CPU" in warning
+    finally:
+        backend.close()
