@@ -583,12 +583,10 @@ def test_gpu(work: Path) -> dict:
             and re.search(r"no (gpu|cuda)|(gpu|cuda).*(not|un)available", r["msg"], re.I)
             for r in records
         )
-        if not gpu_here and not says_no_gpu:
-            say(
-                "NOTE: with HRNET_DEVICE=gpu and no GPU the server serves on the CPU without a warning"
-                " of its own: only 'loaded model ... providers=CPUExecutionProvider' and onnxruntime's"
-                " raw stderr tell"
-            )
+        expect(
+            gpu_here or says_no_gpu,
+            "gpu image: without a GPU the server says so in a warning of its own (and serves on the CPU)",
+        )
     finally:
         container.remove()
     return {

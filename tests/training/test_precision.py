@@ -32,10 +32,10 @@ from training.precision import DEFAULT_MAX_DROP, Calibration, GateResult, Reduct
 CALIB_COUNT = 200
 # The gate limit this fixture exports with. The fixture's job is to hand the serving tests an int8
 # and an fp16 file, on any x86-64 machine; the gate's refusal is tested on its own below, with a
-# calibration built to fail it. The one-epoch model's int8 drop read 0.28 points on one EPYC and
-# 0.56 (2 images of 359) on two others (AVX2, AVX-512 VNNI: MindSpore's and onnxruntime's kernels
-# differ by CPU), against the 0.5 default. 3 points (11 images) is over 5x the worst drop seen and
-# still refuses a broken reduction: the blank calibration below loses tens of points.
+# calibration built to fail it. The one-epoch model's int8 drop met the 0.5 default on the machine
+# where this last landed and read 0.56 points (2 images of 359) on two others (AVX2, AVX-512 VNNI:
+# MindSpore's and onnxruntime's kernels differ by CPU). 3 points (11 images) is over 5x the worst drop seen and
+# still refuses a broken reduction: the blank calibration below loses 44 points (AVX-512 EPYC).
 FIXTURE_MAX_DROP = 3.0
 
 
@@ -164,7 +164,7 @@ def test_gate_refuses_a_blank_calibration_image_and_writes_nothing(ckpt, digits,
     assert err.startswith("hrnet export: error: refused, val top-1 on 359 images: fp32 "), err
     assert ", int8 " in err and "limit 0.50" in err and f"{out} not written" in err
     fp32, int8 = (float(err.split(f"{name} ")[1].split("%")[0]) for name in ("fp32", "int8"))
-    assert fp32 - int8 > DEFAULT_MAX_DROP
+    assert fp32 - int8 > FIXTURE_MAX_DROP > DEFAULT_MAX_DROP  # refused even at the fixture's limit
     assert not out.exists() and (not out.parent.exists() or not list(out.parent.iterdir()))
 
 
