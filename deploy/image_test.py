@@ -261,27 +261,10 @@ def port_free(port: int) -> bool:
 
 
 def write_model_repo(root: Path) -> Path:
-    """A tiny valid ONNX classifier (Conv 1x1 with stride SIZE, Flatten) as MODEL version 1."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    """A tiny valid ONNX classifier (`hrnet bench overhead`'s near-free model) as MODEL version 1."""
+    from benchmarks.overhead import near_free_model
 
-    weights = np.random.default_rng(0).normal(0, 1, (CLASSES, 3, 1, 1)).astype(np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("Conv", ["input", "w"], ["c"], strides=[SIZE, SIZE]),
-            helper.make_node("Flatten", ["c"], ["output"]),
-        ],
-        "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", CLASSES])],
-        initializer=[numpy_helper.from_array(weights, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = root / MODEL / "1" / "model.onnx"
-    path.parent.mkdir(parents=True)
-    onnx.save(model, str(path))
+    near_free_model(root / MODEL / "1" / "model.onnx", SIZE, CLASSES)
     for p in [root, *root.rglob("*")]:  # readable by the image's user, owned by root
         p.chmod(0o755 if p.is_dir() else 0o644)
     return root
