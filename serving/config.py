@@ -332,6 +332,11 @@ class ServerConfig:
     tls_cert: str = setting("", "PEM certificate chain: serve TLS instead of plaintext (with tls_key)")
     tls_key: str = setting("", "PEM private key of tls_cert")
     tls_client_ca: str = setting("", "PEM CA bundle: require client certificates it signed (mutual TLS)")
+    gpu_metrics_interval_s: float = setting(
+        5.0,
+        "seconds between GPU samples (NVML: utilization, memory, power, temperature) for the metrics "
+        "port; 0: none. Without NVML or a GPU there are no GPU metrics, and one info line",
+    )
     trace_endpoint: str = setting(
         "",
         "OTLP/gRPC collector receiving OpenTelemetry spans per request, e.g. http://127.0.0.1:4317; "
@@ -374,6 +379,8 @@ class ServerConfig:
             raise ConfigError(f"repository_poll_s must be > 0, got {self.repository_poll_s}")
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"log_format must be json or text, got {self.log_format!r}")
+        if self.gpu_metrics_interval_s < 0:
+            raise ConfigError(f"gpu_metrics_interval_s must be >= 0, got {self.gpu_metrics_interval_s}")
         if self.grace_period_s < 0 or self.preprocess_workers < 0:
             raise ConfigError("grace_period_s and preprocess_workers must be >= 0")
         if not 1 <= self.max_image_pixels <= self.max_request_pixels:

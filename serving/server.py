@@ -52,6 +52,7 @@ from serving.rpc import FLUSH_S, CallGuard
 from serving.service import DataPlane
 from serving.shm import SharedMemoryRegistry
 from serving.supervisor import FrontEnds
+from serving.telemetry import GpuTelemetry, ProcessCpu
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._guard: CallGuard | None = None
         self._trimmer: asyncio.Task[None] | None = None
+        self._gpu: GpuTelemetry | None = None
+        self._gpu_sampler: asyncio.Task[None] | None = None
         self._listeners: list[HttpListener] = []
         self._background: BackgroundLoop | None = None
 
@@ -225,6 +228,12 @@ class Server:
             tls = auth.ssl_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
             self.http_port = await rest.start(cfg.host, cfg.http_port, tls)
         if cfg.metrics_port >= 0:
+            self.metrics.registry.register(
+                ProcessCpu(lambda: self.frontends.processes() if self.frontends else {})
+            )
+            self._gpu = GpuTelemetry(self.metrics.registry, cfg.gpu_metrics_interval_s)
+            if await asyncio.to_thread(self._gpu.open):
+                self._gpu_sampler = asyncio.create_task(self._gpu.run(), name="gpu-metrics")
             probes = HttpListener(
                 self.metrics.app(lambda: self.plane.ready), "metrics", shutdown_timeout_s=1.0
             )
@@ -235,6 +244,11 @@ class Server:
         """Close what start() opened besides gRPC: listeners, models, tracing (exporting what is left)."""
         await asyncio.gather(*(listener.stop() for listener in self._listeners))
         self._listeners.clear()
+        if self._gpu_sampler is not None:
+            self._gpu_sampler.cancel()
+            self._gpu_sampler = None
+        if self._gpu is not None:
+            self._gpu.close()
         self.plane.close()
         await self.plane.tracing.close()
         self._remove_private()

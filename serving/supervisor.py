@@ -81,6 +81,10 @@ class FrontEnds:
         self._published = False
         self._restarts: set[asyncio.Task[None]] = set()
 
+    def processes(self) -> dict[int, int]:
+        """Each running front end's index -> its pid."""
+        return {i: fe.process.pid for i, fe in self._front_ends.items() if fe.process is not None}
+
     def pids(self) -> list[int]:
         return [fe.process.pid for fe in self._front_ends.values() if fe.process is not None]
 
