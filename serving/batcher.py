@@ -62,6 +62,15 @@ REPLACEMENT_RETRY_S = 5.0  # pause before trying again when a replacement instan
 FRUITLESS_SKIPS = 8  # batches sent at once after a wait that gained nothing (_no_company_expected)
 
 
+def check_request_size(n: int, max_queue_size: int) -> None:
+    """A request of `n` images that no queue of `max_queue_size` could ever hold: the request, not
+    the load, is wrong. Front ends apply it before decoding; `Batcher.admit` for everything."""
+    if n > max_queue_size:
+        raise InvalidArgument(
+            f"a request of {n} images exceeds max_queue_size {max_queue_size}; send fewer per request"
+        )
+
+
 class Runner(Protocol):
     """One model instance (`serving.backends.instance.ModelInstance`), already loaded."""
 

@@ -37,6 +37,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from protos import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2
 from serving import auth, ipc
+from serving.batcher import check_request_size
 from serving.classifier import ClassifierServicer
 from serving.config import ServerConfig
 from serving.errors import (
@@ -145,6 +146,7 @@ class FrontPlane:
     async def _prepare(self, model: ModelView, payload: InferInput) -> tuple[Block, int]:
         size = model.spec.input_size
         rows = check_input(model.name, model.input, size, payload)
+        check_request_size(rows, model.max_queue_size)  # before any decoding; room is the owner's
         shape = (rows, 3, size, size)
         input_bytes = aligned(int(np.prod(shape)) * model.input.dtype.itemsize)
         nbytes = input_bytes + rows * model.num_classes * np.dtype(np.float32).itemsize

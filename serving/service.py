@@ -76,6 +76,7 @@ class ModelView:
     spec: PreprocessSpec
     max_image_pixels: int
     default_timeout_us: int
+    max_queue_size: int
 
     @property
     def num_classes(self) -> int:
@@ -242,6 +243,7 @@ class LoadedModel:
             spec=self.preprocessor.spec,
             max_image_pixels=self.preprocessor.max_pixels,
             default_timeout_us=self.source.config.batching.default_timeout_us,
+            max_queue_size=self.source.config.batching.max_queue_size,
         )
 
 

@@ -565,12 +565,15 @@ class Outcome:
     answers: int
 
 
-@pytest.fixture(scope="module")
-def corpus_server(model_repo, tmp_path_factory):
+@pytest.fixture(scope="module", params=["1", "2"], ids=["one process", "two front ends"])
+def corpus_server(model_repo, tmp_path_factory, request):
+    """The server the corpus is sent to: one process, and front-end processes in front of the owner
+    (the same statuses and messages either way)."""
     repo = tmp_path_factory.mktemp("corpus_repo")
     (repo / "hrnet" / "1").mkdir(parents=True)
     (repo / "hrnet" / "1" / "model.onnx").write_bytes(model_repo.onnx.read_bytes())
-    server = ServerProcess(["--repo", str(repo), "--metrics-port", "-1", "--max-message-mb", str(MESSAGE_MB)])
+    args = ["--repo", str(repo), "--metrics-port", "-1", "--max-message-mb", str(MESSAGE_MB)]
+    server = ServerProcess([*args, "--workers", request.param])
     server.start()
     limit = (MESSAGE_MB + 8) << 20
     options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
