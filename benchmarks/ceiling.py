@@ -21,8 +21,8 @@ import numpy as np
 from tqdm import tqdm
 
 from core.errors import CommandError
-from serving.backends import Backend, open_backend
 from serving.config import ModelConfig
+from serving.engine.backends import Backend, open_backend
 from serving.errors import ModelLoadError
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)

@@ -136,9 +136,9 @@ def ceiling(model: Path, device: str, max_batch: int, seconds: float) -> dict[st
     pays on a GPU, which `measure` discards as warm-up."""
     import onnxruntime as ort
 
-    from serving.backends import open_backend
-    from serving.backends.instance import ModelInstance
     from serving.config import BatchingConfig, ModelConfig
+    from serving.engine.backends import open_backend
+    from serving.engine.backends.instance import ModelInstance
 
     config = ModelConfig(
         device=device, batching=BatchingConfig(max_batch_size=max_batch, max_queue_size=max(256, max_batch))

@@ -52,7 +52,7 @@ from benchmarks.protocol import api as make_api
 from benchmarks.report import Report
 from benchmarks.targets import StatisticsProbe
 from core.errors import CommandError
-from serving.backends.instance import OS_NAME_INSTANCE, OS_NAME_POOL
+from serving.engine.backends.instance import OS_NAME_INSTANCE, OS_NAME_POOL
 from serving.process import ServerProcess
 
 PAYLOADS = ("fp32", "uint8", "jpeg")
@@ -274,10 +274,10 @@ def owner_alone(size: int, in_flight: int, requests: int) -> dict[str, Any]:
 
 async def _owner_alone(size: int, in_flight: int, requests: int) -> dict[str, Any]:
     from serving.config import BatchingConfig, ModelConfig, ServerConfig
-    from serving.ipc import Arena, aligned
-    from serving.repository import ModelSource
-    from serving.service import DataPlane, load_model
-    from serving.supervisor import FrontEnds
+    from serving.engine.repository import ModelSource
+    from serving.engine.service import DataPlane, load_model
+    from serving.workers.ipc import Arena, aligned
+    from serving.workers.supervisor import FrontEnds
 
     with tempfile.TemporaryDirectory(prefix="hrnet-owner-") as tmp:
         path = near_free_model(Path(tmp) / "model.onnx", size)
@@ -330,7 +330,7 @@ async def _owner_alone(size: int, in_flight: int, requests: int) -> dict[str, An
 
 def _stand_in(sock: socket.socket, slot: int, in_flight: int, requests: int, stride: int, item: int) -> None:
     """A front end reduced to its link: keeps `in_flight` records outstanding until `requests`."""
-    from serving.ipc import DONE, HEADER, SUBMIT, Kind
+    from serving.workers.ipc import DONE, HEADER, SUBMIT, Kind
 
     def submit(ids: list[int]) -> None:
         now = time.monotonic()

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from core.metadata import ModelMetadata
-from serving.preprocess import (
+from serving.engine.preprocess import (
     ImagePreprocessor,
     PreprocessSpec,
     decode_image,

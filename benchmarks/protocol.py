@@ -21,7 +21,7 @@ from core.errors import CommandError
 from protos import classifier_pb2 as cpb
 from protos import grpc_service_pb2 as kpb
 from protos.grpc_service_pb2_grpc import GRPCInferenceServiceStub as Stub
-from serving.codec import join_bytes_elements
+from serving.api.codec import join_bytes_elements
 
 KSERVE = "kserve"
 CLASSIFIER = "classifier"

@@ -43,8 +43,8 @@ from PIL import Image
 from core.errors import CommandError
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
+from serving.engine.repository import default_model_name
 from serving.process import ServerProcess, free_port
-from serving.repository import default_model_name
 
 ENDINGS = ("OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED")
 RSS_GROWTH_LIMIT = 0.10

@@ -25,9 +25,9 @@ from core.errors import CommandError
 from protos import grpc_service_pb2 as kpb
 from protos.grpc_service_pb2_grpc import GRPCInferenceServiceStub as Stub
 from serving.config import ModelConfig
+from serving.engine.repository import default_model_name, model_names, scan_model
 from serving.errors import ModelLoadError
 from serving.process import ServerExited, ServerProcess
-from serving.repository import default_model_name, model_names, scan_model
 
 START_TIMEOUT_S = 300.0  # a W48 export on a busy CPU takes a while to load
 

@@ -1,11 +1,12 @@
 """The inference server: backends, dynamic batching, preprocessing, gRPC and REST, health and metrics.
 
-Modules depend one way: the protocol layers (`kserve`, `classifier` for gRPC, `rest` for HTTP)
-translate messages and call the data plane (`service`), which feeds the `batcher`, which runs
-`backends`.
+Three packages show the design, depending one way: `serving.api` (gRPC and REST: parse, check,
+answer) calls `serving.engine` (the data plane, the batcher, model instances and backends);
+`serving.workers` (front-end processes, their records and the owner's side of them) uses both.
+Beside them: `server` (puts it together), `config`, `errors`, `metrics`, `telemetry`, `cli`.
 
 Run it in-process with `serving.Server(serving.ServerConfig(...))` (see `serving.server`);
-both names are imported on first use, so `import serving.preprocess` stays light.
+both names are imported on first use, so `import serving.engine.preprocess` stays light.
 """
 
 from __future__ import annotations

@@ -22,11 +22,11 @@ from typing import NoReturn
 
 from core.errors import CommandError
 from core.settings import add_flags, flag_values
-from serving.backends import backend_names
+from serving.api.rpc import exit_now
 from serving.config import ConfigError, ServerConfig, load_server_config
+from serving.engine.backends import backend_names
 from serving.errors import StartError
 from serving.logs import configure
-from serving.rpc import exit_now
 from serving.server import Server
 
 log = logging.getLogger(__name__)

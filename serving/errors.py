@@ -2,8 +2,8 @@
 
 Each class names the gRPC status it stands for (as the `grpc.StatusCode` member name, so this
 module and the batcher stay free of gRPC) and builds its own message. `describe` is where any
-exception becomes a (code, message) pair; gRPC maps it to a status (`serving.rpc`), HTTP to a
-status code and `{"error": ...}` body (`serving.http`). Anything unexpected is INTERNAL.
+exception becomes a (code, message) pair; gRPC maps it to a status (`serving.api.rpc`), HTTP to a
+status code and `{"error": ...}` body (`serving.api.http`). Anything unexpected is INTERNAL.
 """
 
 from __future__ import annotations

@@ -2,14 +2,14 @@
 and Prometheus with HTTP probes, all on one event loop over one data plane.
 
 Start order: bind the ports and report NOT_SERVING, load the models the control mode loads at
-start (`serving.control`: a model that fails is reported UNAVAILABLE and the others serve,
+start (`serving.engine.control`: a model that fails is reported UNAVAILABLE and the others serve,
 unless `exit_on_error`), start the batchers, then SERVING. Stop order (SIGTERM, `drain`):
 health NOT_SERVING, model control stops changing anything, new requests are refused with
 UNAVAILABLE at once, queued and running work finishes within the grace period and every answer
 is handed over. `hrnet serve` then exits (serving/cli.py says why without closing gRPC); `stop`
 (in-process use) also closes the listeners and exports pending traces.
 
-With several front-end processes (`workers` > 1, serving/frontend.py) this process owns the
+With several front-end processes (`workers` > 1, serving/workers/frontend.py) this process owns the
 models and answers gRPC on a private Unix socket instead (REST and metrics stay here); the front
 ends listen on the gRPC port, serve the inference RPCs and forward the rest here (the repository
 RPCs included); every change model control makes is published to them. They start right after
@@ -37,22 +37,23 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
-from serving import auth, tracing
+from serving.api import auth
+from serving.api.classifier import ClassifierServicer
+from serving.api.http import HttpListener
+from serving.api.kserve import KServeServicer
+from serving.api.rest import RestApi
+from serving.api.rpc import FLUSH_S, CallGuard
 from serving.background import BackgroundLoop
-from serving.classifier import ClassifierServicer
 from serving.config import ServerConfig
-from serving.control import ModelControl
+from serving.engine import tracing
+from serving.engine.control import ModelControl
+from serving.engine.service import DataPlane
+from serving.engine.shm import SharedMemoryRegistry
 from serving.errors import ListenError
-from serving.http import HttpListener
-from serving.kserve import KServeServicer
 from serving.memory import map_large_blocks, trim_when_quiet
 from serving.metrics import ServerMetrics
-from serving.rest import RestApi
-from serving.rpc import FLUSH_S, CallGuard
-from serving.service import DataPlane
-from serving.shm import SharedMemoryRegistry
-from serving.supervisor import FrontEnds
 from serving.telemetry import GpuTelemetry, ProcessCpu
+from serving.workers.supervisor import FrontEnds
 
 log = logging.getLogger(__name__)
 

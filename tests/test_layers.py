@@ -142,3 +142,28 @@ def test_source_scan_sees_imports_inside_functions(tmp_path: Path) -> None:
     source = tmp_path / "m.py"
     source.write_text("import core\n\ndef f():\n    from training.export import x\n    import serving.a\n")
     assert imports(source) == [("core", True), ("training", False), ("serving", False)]
+
+
+# Inside serving, the same rule one level down: the engine knows no protocol and no front end;
+# the protocols know no front end (they run in both kinds of process).
+SERVING_MAY_NOT = {"serving.engine": ("serving.api", "serving.workers"), "serving.api": ("serving.workers",)}
+
+
+@pytest.mark.parametrize("subpackage", sorted(SERVING_MAY_NOT))
+def test_serving_subpackages_depend_one_way(subpackage: str) -> None:
+    wrong = []
+    for path in sorted((REPO / subpackage.replace(".", "/")).rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            wrong += [
+                f"{module_name(path)} imports {name}"
+                for name in names
+                if name.startswith(SERVING_MAY_NOT[subpackage]) or name in ("serving.server", "serving.cli")
+            ]
+    assert not wrong, wrong

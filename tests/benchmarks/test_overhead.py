@@ -16,7 +16,7 @@ import pytest
 
 from benchmarks.overhead import ROLES, near_free_model, role
 from hrnet.cli import main
-from serving.backends.instance import OS_NAME_INSTANCE, OS_NAME_POOL
+from serving.engine.backends.instance import OS_NAME_INSTANCE, OS_NAME_POOL
 
 
 def test_the_near_free_model_is_a_classifier_that_reads_three_numbers(tmp_path: Path) -> None:

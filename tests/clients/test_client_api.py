@@ -12,7 +12,7 @@ from PIL import Image
 
 from clients import Classification, ClientError, StreamResult
 from core.metadata import ModelMetadata
-from serving.preprocess import PreprocessSpec, decode_image, preprocess_image, resize_crop
+from serving.engine.preprocess import PreprocessSpec, decode_image, preprocess_image, resize_crop
 from training.export import read_onnx_metadata
 
 

@@ -30,7 +30,7 @@ from serving.metrics import ServerMetrics
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 VERSIONS = ("1.29", kubernetes_validate.latest_version())
-CUSTOM_RESOURCES = {("serving.kserve.io/v1beta1", "InferenceService")}
+CUSTOM_RESOURCES = {("serving.api.kserve.io/v1beta1", "InferenceService")}
 MODELS_MOUNT = "/models"  # the Dockerfile's VOLUME and HRNET_REPO
 KSERVE_MOUNT = "/mnt/models"  # where KServe's storage initializer puts STORAGE_URI
 
@@ -206,8 +206,8 @@ KSERVE_PREDICTOR_FIELDS = {
 
 def test_inference_service(dockerfile: Any, setting_env_names: set[str]) -> None:
     isvc = _one("InferenceService", "hrnet")
-    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
-    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    assert isvc["apiVersion"] == "serving.api.kserve.io/v1beta1"
+    assert isvc["metadata"]["annotations"]["serving.api.kserve.io/deploymentMode"] == "RawDeployment"
     predictor = isvc["spec"]["predictor"]
     pod_fields = {"terminationGracePeriodSeconds", "enableServiceLinks"}
     assert set(predictor) - {"containers"} <= KSERVE_PREDICTOR_FIELDS | pod_fields

@@ -10,9 +10,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from serving.backends import BACKENDS, MODEL_FILES, open_backend, unavailable_reason
-from serving.backends.onnxrt import choose_providers
 from serving.config import ModelConfig
+from serving.engine.backends import BACKENDS, MODEL_FILES, open_backend, unavailable_reason
+from serving.engine.backends.onnxrt import choose_providers
 from serving.errors import ModelLoadError
 
 
@@ -71,7 +71,7 @@ def test_missing_and_corrupt_files_are_load_errors(backend_name, tmp_path) -> No
 
 def test_backend_modules_import_their_library_only_when_loading() -> None:
     code = (
-        "import sys; from serving.backends import BACKENDS\n"
+        "import sys; from serving.engine.backends import BACKENDS\n"
         "assert len(BACKENDS) == 3\n"
         "print(sorted(m for m in ('mindspore', 'mindspore_lite', 'onnxruntime') if m in sys.modules))"
     )
@@ -122,7 +122,7 @@ def test_device_gpu_without_a_usable_gpu_says_so_and_serves_on_the_cpu(model_rep
     """onnxruntime falls back to the CPU without a word of its own that says so."""
     if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(ort.get_available_providers()):
         pytest.skip("onnxruntime-gpu is installed here: a GPU may be usable")
-    with caplog.at_level("WARNING", logger="serving.backends.onnxrt"):
+    with caplog.at_level("WARNING", logger="serving.engine.backends.onnxrt"):
         backend = open_backend(model_repo.onnx, ModelConfig(device="gpu"))
     try:
         assert backend.providers == ["CPUExecutionProvider"]

@@ -10,9 +10,9 @@ import threading
 import numpy as np
 import pytest
 
-from serving.backends.instance import ModelInstance
-from serving.batcher import FRUITLESS_SKIPS, Batcher, BatchRecord
 from serving.config import BatchingConfig
+from serving.engine.backends.instance import ModelInstance
+from serving.engine.batcher import FRUITLESS_SKIPS, Batcher, BatchRecord
 from serving.errors import (
     DeadlineExceeded,
     ExecutionTimeout,
@@ -379,7 +379,7 @@ async def test_no_priority_a_client_can_send_ranks_below_none() -> None:
     """The data plane queues requests without a priority at DEFAULT_PRIORITY: above any uint64.
 
     Was 1 << 31, so a client's priority 2**40 queued behind requests that named none."""
-    from serving.service import DEFAULT_PRIORITY
+    from serving.engine.service import DEFAULT_PRIORITY
 
     runner = Doubler()
     runner.gate.clear()

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from protos import classifier_pb2
 from protos import grpc_service_pb2 as pb
-from serving import codec
+from serving.api import codec
 from serving.errors import InferenceFailed, InvalidArgument
 
 

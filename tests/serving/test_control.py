@@ -24,9 +24,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos import classifier_pb2, classifier_pb2_grpc
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
+from serving.engine.service import DataPlane
 from serving.errors import ModelLoadError, Unavailable
 from serving.server import Server
-from serving.service import DataPlane
 from tests.conftest import serving_config
 
 PROBE = Path(__file__).with_name("triton_control_probe.py")

@@ -25,9 +25,9 @@ from core.settings import as_data, build, env_values, merge
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import model_config_pb2 as mc
-from serving.backends import BACKENDS, open_backend
-from serving.backends.onnxrt import OnnxRuntimeBackend, provider_options
 from serving.config import BatchingConfig, ConfigError, ModelConfig, ServerConfig, load_model_config
+from serving.engine.backends import BACKENDS, open_backend
+from serving.engine.backends.onnxrt import OnnxRuntimeBackend, provider_options
 from serving.errors import ModelLoadError
 from serving.server import Server
 

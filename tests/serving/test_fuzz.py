@@ -25,7 +25,7 @@ from protos import classifier_pb2 as cpb
 from protos import classifier_pb2_grpc
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
-from serving.preprocess import ImageError, PreprocessSpec, preprocess_image
+from serving.engine.preprocess import ImageError, PreprocessSpec, preprocess_image
 
 EXAMPLES = int(os.environ.get("HRNET_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(

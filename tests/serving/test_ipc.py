@@ -8,8 +8,8 @@ import socket
 
 import numpy as np
 
-from serving import ipc
-from serving.ipc import ALIGN, Allocator, Arena, open_link
+from serving.workers import ipc
+from serving.workers.ipc import ALIGN, Allocator, Arena, open_link
 
 
 def test_allocator_first_fit_aligned_and_merging() -> None:

@@ -10,7 +10,7 @@ SCRIPT = """
 import io, logging, warnings
 from PIL import Image
 from serving.logs import configure
-from serving.preprocess import decode_image
+from serving.engine.preprocess import decode_image
 configure("json", "info")
 logging.getLogger("serving").info("before", extra={"n": 1})
 palette = Image.new("P", (4, 4))

@@ -19,7 +19,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from core.metadata import ModelMetadata
-from serving.preprocess import (
+from serving.engine.preprocess import (
     ImageError,
     ImagePreprocessor,
     PreprocessSpec,

@@ -12,10 +12,10 @@ import pytest
 
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
-from serving.backends import open_backend
 from serving.config import ConfigError, ModelConfig, VersionPolicy
+from serving.engine.backends import open_backend
+from serving.engine.repository import model_path, resolve_metadata, scan_model, scan_repository, single_model
 from serving.errors import ModelLoadError
-from serving.repository import model_path, resolve_metadata, scan_model, scan_repository, single_model
 
 
 def test_versions_configs_and_layout_problems(model_repo, tmp_path: Path) -> None:

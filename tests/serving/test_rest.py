@@ -23,10 +23,10 @@ from core.metadata import ModelMetadata
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from serving import errors
+from serving.api.http import json_errors
+from serving.api.rest_codec import to_json
+from serving.engine.preprocess import PreprocessSpec, preprocess_image
 from serving.errors import ListenError
-from serving.http import json_errors
-from serving.preprocess import PreprocessSpec, preprocess_image
-from serving.rest_codec import to_json
 
 HEADER = "Inference-Header-Content-Length"
 

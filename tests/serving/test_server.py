@@ -18,7 +18,7 @@ from core.metadata import ModelMetadata
 from protos import classifier_pb2, classifier_pb2_grpc
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
-from serving.preprocess import PreprocessSpec, preprocess_image
+from serving.engine.preprocess import PreprocessSpec, preprocess_image
 
 SIZE = 32
 CLASSES = 10

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from core.metadata import ModelMetadata
-from serving.preprocess import PreprocessSpec, preprocess_image
+from serving.engine.preprocess import PreprocessSpec, preprocess_image
 
 PROBE = Path(__file__).with_name("triton_probe.py")
 HTTP_PROBE = Path(__file__).with_name("triton_http_probe.py")

@@ -15,7 +15,7 @@ import pytest
 from protos import classifier_pb2, classifier_pb2_grpc
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
-from serving.preprocess import PreprocessSpec, decode_image, normalize, preprocess_array, resize_crop
+from serving.engine.preprocess import PreprocessSpec, decode_image, normalize, preprocess_array, resize_crop
 
 SPEC = PreprocessSpec(32, 36, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 

@@ -34,8 +34,8 @@ CALIB_COUNT = 200
 # and an fp16 file, on any x86-64 machine; the gate's refusal is tested on its own below, with a
 # calibration built to fail it. The one-epoch model's int8 drop met the 0.5 default on the machine
 # where this last landed and read 0.56 points (2 images of 359) on two others (AVX2, AVX-512 VNNI:
-# MindSpore's and onnxruntime's kernels differ by CPU). 3 points (11 images) is over 5x the worst drop seen and
-# still refuses a broken reduction: the blank calibration below loses 44 points (AVX-512 EPYC).
+# MindSpore's and onnxruntime's kernels differ by CPU). 3 points (11 images) is over 5x the worst
+# drop seen and still refuses a broken reduction: the blank calibration below loses 44 points.
 FIXTURE_MAX_DROP = 3.0
 
 

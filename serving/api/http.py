@@ -1,6 +1,6 @@
 """HTTP on the server's own event loop (aiohttp): listeners, and errors as HTTP statuses.
 
-The REST API (`serving.rest`) and the metrics port (`serving.metrics`) run here, beside gRPC on
+The REST API (`serving.api.rest`) and the metrics port (`serving.metrics`) run here, beside gRPC on
 the same loop, so they read the data plane directly and a wedged loop fails their probes too.
 This is the one place an error becomes an HTTP status: the gRPC code the error stands for
 (`serving.errors.describe`) mapped as KServe and Triton do, with a `{"error": "..."}` body.

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from protos import DEFAULT_TOP_K, classifier_pb2, grpc_service_pb2
+from serving.engine.service import InferInput
+from serving.engine.shm import SharedMemoryRegistry, ShmRef
 from serving.errors import InferenceFailed, InvalidArgument, quote
-from serving.service import InferInput
-from serving.shm import SharedMemoryRegistry, ShmRef
 
-# UINT8 is pixels, normalized on the server (serving.service explains the layouts).
+# UINT8 is pixels, normalized on the server (serving.engine.service explains the layouts).
 DATATYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "UINT8": np.dtype("u1")}
 SHM_REGION = "shared_memory_region"
 SHM_OFFSET = "shared_memory_offset"

@@ -3,7 +3,7 @@
 Protocol-free: the KServe and Classifier servicers convert protobuf to arrays and call
 `DataPlane.infer`; this module validates against the model, preprocesses images, applies
 deadlines, feeds the batcher and accounts for the outcome (statistics and metrics). The
-front-end processes (serving/frontend.py) check and convert inputs with the same functions
+front-end processes (serving/workers/frontend.py) check and convert inputs with the same functions
 before handing them over.
 
 Accepted inputs: encoded images; FP32 or FP16 tensors (N, 3, S, S), already normalized; UINT8
@@ -26,16 +26,16 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from core.metadata import ModelMetadata
-from serving.backends import Backend, TensorSpec, open_backend
-from serving.backends.instance import ModelInstance
-from serving.batcher import Batcher
 from serving.config import ModelConfig
+from serving.engine.backends import Backend, TensorSpec, open_backend
+from serving.engine.backends.instance import ModelInstance
+from serving.engine.batcher import Batcher
+from serving.engine.preprocess import ImageError, ImagePreprocessor, PreprocessSpec, normalize
+from serving.engine.repository import ModelSource, resolve_metadata
+from serving.engine.stats import ModelStats
+from serving.engine.tracing import Tracing
 from serving.errors import InvalidArgument, ModelNotFound, ServingError, Unavailable
 from serving.metrics import ServerMetrics
-from serving.preprocess import ImageError, ImagePreprocessor, PreprocessSpec, normalize
-from serving.repository import ModelSource, resolve_metadata
-from serving.stats import ModelStats
-from serving.tracing import Tracing
 
 log = logging.getLogger(__name__)
 # KServe priority levels: 1 is the highest; a request without one (0) queues after every level a
@@ -372,7 +372,7 @@ class DataPlane:
     """Every model version being served, by name and version; routes each request to one.
 
     The newest version served is a name's default. Which versions are served is decided by
-    `serving.control`, through `add` (a version starts taking requests), `remove` (it takes no
+    `serving.engine.control`, through `add` (a version starts taking requests), `remove` (it takes no
     new ones) and `retire` (what it accepted finishes, then it is closed). `infer` counts a
     request on its model before its first await; callers resolve the model with `get` and call
     `infer` without awaiting anything in between, so a model being retired knows every request

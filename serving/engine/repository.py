@@ -3,7 +3,7 @@
 Layout: `REPO/<model>/<version>/model.onnx|model.mindir`, versions are positive integers, and
 an optional `REPO/<model>/config.yaml` tunes the model, its version policy included. A scan
 never raises for one bad model: each folder's problems are recorded with their paths, so one
-broken model cannot keep the others from serving (`serving.control` decides what to load).
+broken model cannot keep the others from serving (`serving.engine.control` decides what to load).
 Folders whose names start with "." are ignored: an upload can land in `REPO/m/.incoming/`
 and be renamed to `REPO/m/3/` when complete. Nothing is read from outside the repository:
 `model_path` is the one way from a model name (and version) to a path, and a symlink that
@@ -19,8 +19,8 @@ from pathlib import Path
 
 from core.errors import ConfigError
 from core.metadata import MetadataError, ModelMetadata
-from serving.backends import MODEL_FILES, Backend
 from serving.config import ModelConfig, load_model_config
+from serving.engine.backends import MODEL_FILES, Backend
 from serving.errors import ModelLoadError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -8,9 +8,9 @@ import grpc
 
 from protos import classifier_pb2 as pb
 from protos import classifier_pb2_grpc
-from serving import codec
-from serving.rpc import concurrently, grpc_errors, remaining_s
-from serving.service import InferencePlane
+from serving.api import codec
+from serving.api.rpc import concurrently, grpc_errors, remaining_s
+from serving.engine.service import InferencePlane
 
 
 class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):

@@ -1,7 +1,7 @@
 """`inference.GRPCInferenceService`: the Open Inference Protocol (KServe v2) over the data plane.
 
 Thin by design: decode with `codec`, call `DataPlane`, encode. The module-level functions build
-the protocol's answers as protobuf messages; the REST API (`serving.rest`) sends the same ones
+the protocol's answers as protobuf messages; the REST API (`serving.api.rest`) sends the same ones
 as JSON, so the two protocols cannot drift apart. The inference RPCs (`KServeInference`) run
 wherever requests are parsed, the front-end processes included; the others (`KServeServicer`)
 run where the models are.
@@ -20,16 +20,16 @@ from core import __version__
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc
 from protos import model_config_pb2 as mc
-from serving import codec
-from serving.codec import InferOptions
+from serving.api import codec
+from serving.api.codec import InferOptions
+from serving.api.rpc import concurrently, grpc_errors, remaining_s
 from serving.config import ModelConfig
-from serving.control import ModelControl
+from serving.engine.control import ModelControl
+from serving.engine.preprocess import ACCEPTED_FORMATS
+from serving.engine.service import DataPlane, InferencePlane, InferInput, LoadedModel, ServedModel
+from serving.engine.shm import Region, RegionInfo, SharedMemoryRegistry, ShmRef
+from serving.engine.stats import Duration
 from serving.errors import InvalidArgument, ModelNotFound
-from serving.preprocess import ACCEPTED_FORMATS
-from serving.rpc import concurrently, grpc_errors, remaining_s
-from serving.service import DataPlane, InferencePlane, InferInput, LoadedModel, ServedModel
-from serving.shm import Region, RegionInfo, SharedMemoryRegistry, ShmRef
-from serving.stats import Duration
 
 EXTENSIONS = (
     "classification",

@@ -13,7 +13,7 @@ import numpy as np
 
 from core.metadata import read_sidecar
 from core.onednn import cap_onednn_isa
-from serving.backends.base import Backend, TensorSpec
+from serving.engine.backends.base import Backend, TensorSpec
 from serving.errors import ModelLoadError
 
 MS_TARGETS = {"cpu": "CPU", "gpu": "GPU", "ascend": "Ascend"}

@@ -1,8 +1,8 @@
 """The Open Inference Protocol over HTTP/REST (KServe v2, with Triton's extensions) over the data plane.
 
 Thin by design, like the gRPC servicer: the answers are the same protobuf messages
-(`serving.kserve` builds them) sent as JSON, requests become the same ModelInferRequest
-(`serving.rest_codec`), and inference is the same `DataPlane.infer`. Routes, as Triton has them:
+(`serving.api.kserve` builds them) sent as JSON, requests become the same ModelInferRequest
+(`serving.api.rest_codec`), and inference is the same `DataPlane.infer`. Routes, as Triton has them:
 
     GET  /v2                                        server metadata
     GET  /v2/health/live | /v2/health/ready         200, or 400 when not ready
@@ -11,10 +11,10 @@ Thin by design, like the gRPC servicer: the answers are the same protobuf messag
     GET  .../ready | .../config | .../stats         readiness (200/400), Triton's config, statistics
     POST .../infer                                  inference (JSON and binary tensors)
     POST /v2/repository/index                       what the repository holds, by state
-    POST /v2/repository/models/{model}/load|unload  model control (`serving.control`)
+    POST /v2/repository/models/{model}/load|unload  model control (`serving.engine.control`)
     GET|POST /v2/trace/setting, /v2/models/{model}/trace/setting    trace settings
 
-Errors answer `{"error": "..."}` with the status `serving.http` maps their code to.
+Errors answer `{"error": "..."}` with the status `serving.api.http` maps their code to.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from typing import Any
 
 from aiohttp import web
 
-from serving import kserve
-from serving.control import ModelControl
+from serving.api import kserve
+from serving.api.http import json_errors
+from serving.api.rest_codec import HEADER_LENGTH, decode_infer, encode_infer, to_json
+from serving.engine.control import ModelControl
+from serving.engine.service import DataPlane, LoadedModel
 from serving.errors import InvalidArgument
-from serving.http import json_errors
-from serving.rest_codec import HEADER_LENGTH, decode_infer, encode_infer, to_json
-from serving.service import DataPlane, LoadedModel
 
 NOT_READY = 400  # KServe: "a 4xx status code indicates false"; Triton answers 400
 

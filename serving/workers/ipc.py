@@ -77,7 +77,7 @@ class Configure:
 
 @dataclass(frozen=True)
 class Catalog:
-    """The models a front end routes to (serving.service.ModelView), acknowledged with Ack(seq)."""
+    """The models a front end routes to (serving.engine.service.ModelView), acknowledged with Ack(seq)."""
 
     seq: int
     models: list[Any]

@@ -30,7 +30,7 @@ from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 
 from protos import grpc_service_pb2 as pb
-from serving.codec import DATATYPES, join_bytes_elements, split_bytes_elements
+from serving.api.codec import DATATYPES, join_bytes_elements, split_bytes_elements
 from serving.errors import InvalidArgument
 
 HEADER_LENGTH = "Inference-Header-Content-Length"

@@ -6,7 +6,7 @@ libraries are imported inside `load()`, so importing a backend module costs noth
 
 **Each instance owns one thread for its whole life.** `load()`, the warm-up, every `run`/`infer`
 and `close()` of one instance are called from that instance's own thread
-(`serving.backends.instance.ModelInstance`) and from no other, ever. Runtimes keep per-thread
+(`serving.engine.backends.instance.ModelInstance`) and from no other, ever. Runtimes keep per-thread
 state: onnxruntime's CUDA provider caches its cuDNN algorithm choice per (thread, shape), so a
 shape that reached an instance from a new thread was searched again (seconds per shape on an
 H100, the server's first bottleneck there). A backend may rely on the rule: it needs no lock of
@@ -37,7 +37,7 @@ class TensorSpec:
 
 
 class Backend(ABC):
-    """One backend module declares these four and `serving/backends/__init__.py` lists it once."""
+    """One backend module declares these four and `serving/engine/backends/__init__.py` lists it once."""
 
     name: ClassVar[str]  # as in config.yaml `backend:`
     suffixes: ClassVar[tuple[str, ...]]  # model file types it runs (`model<suffix>` in a repository)

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from serving.batcher import BatchRecord
+from serving.engine.batcher import BatchRecord
 from serving.metrics import ServerMetrics
 
 

@@ -13,14 +13,14 @@ import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
-from serving.backends.base import Backend, TensorSpec
 from serving.config import ModelConfig
+from serving.engine.backends.base import Backend, TensorSpec
 from serving.errors import ModelLoadError
 
 REGISTRY = (
-    "serving.backends.onnxrt:OnnxRuntimeBackend",
-    "serving.backends.mslite:MindSporeLiteBackend",
-    "serving.backends.mindspore_graph:MindSporeBackend",
+    "serving.engine.backends.onnxrt:OnnxRuntimeBackend",
+    "serving.engine.backends.mslite:MindSporeLiteBackend",
+    "serving.engine.backends.mindspore_graph:MindSporeBackend",
 )
 
 

@@ -34,6 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.config import ServerConfig
+from serving.engine.repository import NAME, Fingerprint, ModelFolder, ModelSource, scan_model, scan_repository
+from serving.engine.repository import single_model as single_model_source
+from serving.engine.service import DataPlane, LoadedModel, load_model
 from serving.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -42,9 +45,6 @@ from serving.errors import (
     ServingError,
     Unavailable,
 )
-from serving.repository import NAME, Fingerprint, ModelFolder, ModelSource, scan_model, scan_repository
-from serving.repository import single_model as single_model_source
-from serving.service import DataPlane, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from core.metadata import METADATA_KEY, ModelMetadata
-from serving.backends.base import Backend, TensorSpec
+from serving.engine.backends.base import Backend, TensorSpec
 from serving.errors import ModelLoadError
 
 log = logging.getLogger(__name__)

@@ -20,11 +20,11 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from serving.codec import parse_infer_request
+from serving.api.codec import parse_infer_request
 from serving.errors import InvalidArgument, describe
 
 log = logging.getLogger(__name__)
-# Requests parsed with their large buffers left where gRPC delivered them (serving.codec).
+# Requests parsed with their large buffers left where gRPC delivered them (serving.api.codec).
 IN_PLACE: dict[str, Callable[[bytes], Any]] = {
     "/inference.GRPCInferenceService/ModelInfer": parse_infer_request,
     "/inference.GRPCInferenceService/ModelStreamInfer": parse_infer_request,

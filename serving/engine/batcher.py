@@ -18,7 +18,7 @@ sent their next requests, and batches alternated between nearly full and one ima
 The requests' arrays go to the instance as they are (no concatenation here): the instance
 copies them once into its own batch buffer, padded up to the next of `buckets` when given, so
 the runtime only ever meets the batch sizes it warmed up. Each instance computes on its own
-thread (`serving.backends.instance`); a batch that takes longer than `execution_timeout_s`
+thread (`serving.engine.backends.instance`); a batch that takes longer than `execution_timeout_s`
 fails with `ExecutionTimeout` and its instance is replaced by a fresh one while the others
 keep serving.
 
@@ -72,7 +72,7 @@ def check_request_size(n: int, max_queue_size: int) -> None:
 
 
 class Runner(Protocol):
-    """One model instance (`serving.backends.instance.ModelInstance`), already loaded."""
+    """One model instance (`serving.engine.backends.instance.ModelInstance`), already loaded."""
 
     def run(self, parts: Sequence[np.ndarray], rows: int) -> Future[np.ndarray]:
         """Compute the rows of `parts` (N in all) padded to `rows`; resolves to (N, ...) outputs."""

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core import __version__
-from serving.batcher import RunTiming
+from serving.engine.batcher import RunTiming
 from serving.errors import FailedPrecondition, InvalidArgument
 
 LEVELS = ("OFF", "TIMESTAMPS")

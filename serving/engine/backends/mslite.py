@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from core.metadata import read_sidecar
-from serving.backends.base import Backend, TensorSpec
+from serving.engine.backends.base import Backend, TensorSpec
 from serving.errors import ModelLoadError
 
 LITE_TARGETS = {"cpu": ["cpu"], "gpu": ["gpu", "cpu"], "ascend": ["ascend", "cpu"]}

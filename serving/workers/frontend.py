@@ -1,10 +1,10 @@
 """A front-end process: gRPC parsing, tensor conversion and image decoding, beside its peers.
 
 With `--workers N` (N > 1) the server is N of these on one port (SO_REUSEPORT: the kernel
-spreads connections over them) plus the process that owns the models (serving/supervisor.py).
+spreads connections over them) plus the process that owns the models (serving/workers/supervisor.py).
 A front end serves the inference RPCs itself: it decodes the request, checks it against the
 model and converts or decodes the input straight into a block of its shared arena
-(serving/ipc.py), then hands the owner a fixed-size record naming the block, sent with the
+(serving/workers/ipc.py), then hands the owner a fixed-size record naming the block, sent with the
 others of the same loop turn in one write. The owner queues it on the model's batcher as it is
 (checked once, here), so batching stays global per model, and writes the logits back into the
 block. Every other RPC (health, readiness, metadata, config, statistics, shared-memory
@@ -13,7 +13,7 @@ so there is one truth about readiness and statistics. A front end follows the ow
 its catalog of models and shared-memory regions from it, drains and stops when told, and
 exits when the owner is gone. SIGINT and SIGTERM are the owner's to handle.
 
-    python -m serving.frontend --link FD --arena FD --index I   (started by the supervisor)
+    python -m serving.workers.frontend --link FD --arena FD --index I   (started by the supervisor)
 """
 
 from __future__ import annotations
@@ -36,10 +36,16 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from protos import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2
-from serving import auth, ipc
-from serving.batcher import check_request_size
-from serving.classifier import ClassifierServicer
+from serving.api import auth
+from serving.api.classifier import ClassifierServicer
+from serving.api.kserve import KServeInference
+from serving.api.rpc import FLUSH_S, CallGuard, exit_now
 from serving.config import ServerConfig
+from serving.engine.batcher import check_request_size
+from serving.engine.preprocess import ImagePreprocessor
+from serving.engine.service import InferInput, ModelView, check_input, convert_input, deadline_after, resolve
+from serving.engine.shm import RegionInfo, SharedMemoryRegistry
+from serving.engine.tracing import Tracing
 from serving.errors import (
     InvalidArgument,
     Relayed,
@@ -47,14 +53,9 @@ from serving.errors import (
     ServingError,
     Unavailable,
 )
-from serving.ipc import Allocator, Arena, Link, aligned, open_link
-from serving.kserve import KServeInference
 from serving.logs import configure
-from serving.preprocess import ImagePreprocessor
-from serving.rpc import FLUSH_S, CallGuard, exit_now
-from serving.service import InferInput, ModelView, check_input, convert_input, deadline_after, resolve
-from serving.shm import RegionInfo, SharedMemoryRegistry
-from serving.tracing import Tracing
+from serving.workers import ipc
+from serving.workers.ipc import Allocator, Arena, Link, aligned, open_link
 
 log = logging.getLogger(__name__)
 KSERVE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -390,7 +391,7 @@ class FrontEnd:
             await server.start()
             link.send(ipc.Listening())
             grace_s = await self._stop
-            # As the owner does (serving.rpc.exit_now): answer what was accepted, then leave without
+            # As the owner does (serving.api.rpc.exit_now): answer what was accepted, then leave without
             # gRPC's shutdown, whose race cancels the calls that reach it meanwhile.
             assert self._guard is not None
             await self._guard.wait_idle(grace_s)
@@ -480,7 +481,7 @@ def _limits(config: ServerConfig) -> list[tuple[str, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.frontend", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m serving.workers.frontend", description=__doc__)
     parser.add_argument("--link", type=int, required=True, help="socket to the owner (inherited fd)")
     parser.add_argument("--arena", type=int, required=True, help="shared memory (inherited memfd)")
     parser.add_argument("--index", type=int, required=True)

@@ -1,9 +1,9 @@
-"""The model owner's side of the front-end processes (`--workers N`, N > 1; serving/frontend.py).
+"""The model owner's side of the front-end processes (`--workers N`, N > 1; serving/workers/frontend.py).
 
 Starts them (each with a socket pair and a memfd arena, on the server's port), feeds them the
 catalog of models and shared-memory regions, and queues the requests they hand over. That is the
 hot path, and it is kept to bookkeeping: the front end checked and converted each input already,
-so a SUBMIT record (serving/ipc.py) becomes one `DataPlane.enqueue` of the rows where they lie in
+so a SUBMIT record (serving/workers/ipc.py) becomes one `DataPlane.enqueue` of the rows where they lie in
 its arena, with no coroutine, no second check and no copy; when the batch is done the logits are
 written into the request's block and its id joins the DONE records sent at the end of the loop
 turn.
@@ -28,13 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from serving import ipc
 from serving.config import MiB, ServerConfig
+from serving.engine.service import DataPlane
+from serving.engine.shm import SharedMemoryRegistry
 from serving.errors import ServingError, StartError, describe
-from serving.ipc import Arena, Link, open_link
 from serving.metrics import ServerMetrics
-from serving.service import DataPlane
-from serving.shm import SharedMemoryRegistry
+from serving.workers import ipc
+from serving.workers.ipc import Arena, Link, open_link
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 60.0
@@ -100,7 +100,7 @@ class FrontEnds:
     async def _start_one(self, index: int) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         arena = Arena.create(self.config.frontend_buffer_mb * MiB, f"hrnet-frontend-{index}")
-        command = [sys.executable, "-m", "serving.frontend"]
+        command = [sys.executable, "-m", "serving.workers.frontend"]
         command += ["--link", str(child.fileno()), "--arena", str(arena.fd), "--index", str(index)]
         with child:
             process = subprocess.Popen(command, pass_fds=(child.fileno(), arena.fd))
