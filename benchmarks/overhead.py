@@ -47,6 +47,7 @@ import numpy as np
 from benchmarks.loadgen import Level, LoadGenerator, Measured, Workload
 from benchmarks.machine import this_machine
 from benchmarks.modes import command_line
+from benchmarks.near_free import CLASSES, near_free_model
 from benchmarks.protocol import KSERVE, fetch_model_info
 from benchmarks.protocol import api as make_api
 from benchmarks.report import Report
@@ -58,36 +59,8 @@ from serving.process import ServerProcess
 PAYLOADS = ("fp32", "uint8", "jpeg")
 ROLES = ("event_loop", "instances", "runtime_pool", "other_threads")
 TICKS = os.sysconf("SC_CLK_TCK")
-CLASSES = 10
 JPEG_SIZE = (500, 375)  # an ImageNet-like photograph
 DISTINCT_REQUESTS = 16
-
-
-def near_free_model(path: Path, size: int, classes: int = CLASSES) -> Path:
-    """An NCHW FP32 classifier that costs next to nothing: Conv 1x1 with stride `size`, Flatten."""
-    try:
-        import onnx
-        from onnx import TensorProto, helper, numpy_helper
-    except ImportError:
-        raise CommandError(
-            "hrnet bench overhead builds its model with the onnx package: pip install onnx"
-        ) from None
-    weights = np.random.default_rng(0).normal(0, 1, (classes, 3, 1, 1)).astype(np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("Conv", ["input", "w"], ["c"], strides=[size, size]),
-            helper.make_node("Flatten", ["c"], ["output"]),
-        ],
-        "near_free",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", classes])],
-        initializer=[numpy_helper.from_array(weights, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
 
 
 def _jpegs(count: int) -> list[bytes]:

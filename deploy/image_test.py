@@ -262,7 +262,7 @@ def port_free(port: int) -> bool:
 
 def write_model_repo(root: Path) -> Path:
     """A tiny valid ONNX classifier (`hrnet bench overhead`'s near-free model) as MODEL version 1."""
-    from benchmarks.overhead import near_free_model
+    from benchmarks.near_free import near_free_model
 
     near_free_model(root / MODEL / "1" / "model.onnx", SIZE, CLASSES)
     for p in [root, *root.rglob("*")]:  # readable by the image's user, owned by root

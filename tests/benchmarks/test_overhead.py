@@ -14,7 +14,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from benchmarks.overhead import ROLES, near_free_model, role
+from benchmarks.near_free import near_free_model
+from benchmarks.overhead import ROLES, role
 from hrnet.cli import main
 from serving.engine.backends.instance import OS_NAME_INSTANCE, OS_NAME_POOL
 
