@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -22,14 +21,16 @@ from typing import Any
 from prometheus_client import Gauge
 from prometheus_client.core import CounterMetricFamily
 
+from core.nvml import Nvml
+
 log = logging.getLogger(__name__)
-# The GPU gauges by reading: (metric name, help). Each has the label `gpu`.
+# The GPU gauges by NVML reading: (metric name, help). Each has the label `gpu`, the device index.
 GPU_GAUGES = {
     "utilization": ("hrnet_gpu_utilization", "GPU busy fraction (0..1), NVML"),
-    "memory_used": ("hrnet_gpu_memory_used_bytes", "GPU memory in use, NVML"),
-    "memory_total": ("hrnet_gpu_memory_total_bytes", "GPU memory, NVML"),
-    "power": ("hrnet_gpu_power_watts", "GPU power draw, NVML"),
-    "temperature": ("hrnet_gpu_temperature_celsius", "GPU temperature, NVML"),
+    "memory_used_bytes": ("hrnet_gpu_memory_used_bytes", "GPU memory in use, NVML"),
+    "memory_total_bytes": ("hrnet_gpu_memory_total_bytes", "GPU memory, NVML"),
+    "power_watts": ("hrnet_gpu_power_watts", "GPU power draw, NVML"),
+    "temperature_celsius": ("hrnet_gpu_temperature_celsius", "GPU temperature, NVML"),
 }
 PROCESS_CPU = "hrnet_process_cpu_seconds"  # a counter: exported as ..._total
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -72,60 +73,31 @@ class GpuTelemetry:
     def __init__(self, registry: Any, interval_s: float) -> None:
         self.registry = registry
         self.interval_s = interval_s
-        self._nvml: Any = None
-        self._handles: list[Any] = []
+        self._nvml: Nvml | None = None
         self._gauges: dict[str, Gauge] = {}
 
     def open(self) -> bool:
         """Find the GPUs; False (and one info line) where NVML or a GPU is missing."""
         if self.interval_s <= 0:
             return False
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-        except Exception as exc:  # ImportError, or NVMLError when there is no driver
-            log.info("no GPU metrics: NVML is not available here (%s)", exc)
+        self._nvml, reason = Nvml.open()
+        if self._nvml is None:
+            log.info("no GPU metrics: %s", reason)
             return False
-        count = pynvml.nvmlDeviceGetCount()
-        if not count:
-            pynvml.nvmlShutdown()
-            log.info("no GPU metrics: NVML finds no GPU")
-            return False
-        self._nvml = pynvml
-        self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-        r, labels = self.registry, ("gpu",)
         self._gauges = {
-            "utilization": Gauge(
-                "hrnet_gpu_utilization", "GPU busy fraction (0..1), NVML", labels, registry=r
-            ),
-            "memory_used": Gauge(
-                "hrnet_gpu_memory_used_bytes", "GPU memory in use, NVML", labels, registry=r
-            ),
-            "memory_total": Gauge("hrnet_gpu_memory_total_bytes", "GPU memory, NVML", labels, registry=r),
-            "power": Gauge("hrnet_gpu_power_watts", "GPU power draw, NVML", labels, registry=r),
-            "temperature": Gauge(
-                "hrnet_gpu_temperature_celsius", "GPU temperature, NVML", labels, registry=r
-            ),
+            reading: Gauge(name, text, ("gpu",), registry=self.registry)
+            for reading, (name, text) in GPU_GAUGES.items()
         }
-        log.info("GPU metrics on", extra={"gpus": count, "interval_s": self.interval_s})
+        log.info("GPU metrics on", extra={"gpus": self._nvml.count, "interval_s": self.interval_s})
         self.sample()
         return True
 
     def sample(self) -> None:
-        nvml = self._nvml
-        for index, handle in enumerate(self._handles):
-            gpu = str(index)
-            readings = {
-                "utilization": lambda h=handle: nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100,
-                "memory_used": lambda h=handle: nvml.nvmlDeviceGetMemoryInfo(h).used,
-                "memory_total": lambda h=handle: nvml.nvmlDeviceGetMemoryInfo(h).total,
-                "power": lambda h=handle: nvml.nvmlDeviceGetPowerUsage(h) / 1000,  # milliwatts
-                "temperature": lambda h=handle: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU),
-            }
-            for name, read in readings.items():
-                with contextlib.suppress(Exception):  # a reading a device does not support stays unset
-                    self._gauges[name].labels(gpu).set(read())
+        if self._nvml is None:
+            return
+        for index, readings in enumerate(self._nvml.read()):
+            for reading, value in readings.items():
+                self._gauges[reading].labels(str(index)).set(value)
 
     async def run(self) -> None:
         """Sample every interval until cancelled (NVML calls block briefly: on a thread)."""
@@ -135,6 +107,5 @@ class GpuTelemetry:
 
     def close(self) -> None:
         if self._nvml is not None:
-            with contextlib.suppress(Exception):
-                self._nvml.nvmlShutdown()
+            self._nvml.close()
             self._nvml = None

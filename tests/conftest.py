@@ -14,6 +14,8 @@ from __future__ import annotations
 #   start_server (function) factory: start_server(repo_path, **ServerConfig/model_defaults overrides).
 # ---------------------------------------------------------------------------------------------
 import io
+import sys
+import types
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -276,3 +278,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         names = SLOW_ELSEWHERE[module]
         if names is None or getattr(item, "originalname", item.name) in names:
             item.add_marker(pytest.mark.slow)
+
+
+# ---------------------------------------------------------------------------------------------
+# NVIDIA's NVML cannot run here (no GPU, no driver): a stand-in `pynvml` reporting one device
+# tests the plumbing of the server's GPU metrics and the benchmarks' GPU summaries. The real
+# library is checked by `hrnet bench gpu` when a GPU machine is lent.
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def stand_in_nvml(monkeypatch: pytest.MonkeyPatch) -> Any:
+    nvml: Any = types.ModuleType("pynvml")
+    nvml.NVML_TEMPERATURE_GPU = 0
+    nvml.nvmlInit = lambda: None
+    nvml.nvmlShutdown = lambda: None
+    nvml.nvmlDeviceGetCount = lambda: 1
+    nvml.nvmlDeviceGetHandleByIndex = lambda index: f"device {index}"
+    nvml.nvmlDeviceGetUtilizationRates = lambda handle: types.SimpleNamespace(gpu=37, memory=12)
+    nvml.nvmlDeviceGetMemoryInfo = lambda handle: types.SimpleNamespace(used=3 << 30, total=80 << 30)
+    nvml.nvmlDeviceGetPowerUsage = lambda handle: 215_500  # milliwatts
+    nvml.nvmlDeviceGetTemperature = lambda handle, sensor: 54
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    return nvml

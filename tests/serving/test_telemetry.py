@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import types
 from pathlib import Path
 
 import grpc
@@ -20,20 +19,6 @@ from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 
 
-def _stand_in_nvml() -> types.ModuleType:
-    nvml = types.ModuleType("pynvml")
-    nvml.NVML_TEMPERATURE_GPU = 0
-    nvml.nvmlInit = lambda: None
-    nvml.nvmlShutdown = lambda: None
-    nvml.nvmlDeviceGetCount = lambda: 1
-    nvml.nvmlDeviceGetHandleByIndex = lambda index: f"device {index}"
-    nvml.nvmlDeviceGetUtilizationRates = lambda handle: types.SimpleNamespace(gpu=37, memory=12)
-    nvml.nvmlDeviceGetMemoryInfo = lambda handle: types.SimpleNamespace(used=3 << 30, total=80 << 30)
-    nvml.nvmlDeviceGetPowerUsage = lambda handle: 215_500  # milliwatts
-    nvml.nvmlDeviceGetTemperature = lambda handle, sensor: 54
-    return nvml
-
-
 @pytest.fixture
 def repo(model_repo, tmp_path: Path) -> Path:
     (tmp_path / "repo" / "hrnet" / "1").mkdir(parents=True)
@@ -41,8 +26,7 @@ def repo(model_repo, tmp_path: Path) -> Path:
     return tmp_path / "repo"
 
 
-def test_gpu_metrics_appear_when_nvml_reports_a_device(start_server, repo, monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "pynvml", _stand_in_nvml())
+def test_gpu_metrics_appear_when_nvml_reports_a_device(start_server, repo, stand_in_nvml) -> None:
     running = start_server(repo)
     assert running.metric("hrnet_gpu_utilization", gpu="0") == pytest.approx(0.37)
     assert running.metric("hrnet_gpu_memory_used_bytes", gpu="0") == 3 << 30
