@@ -9,6 +9,7 @@
     hrnet bench soak     --model m.onnx [--duration 300] [--load 2]    # overload, and what must hold
     hrnet bench gpu      prepare | run --model NAME=m.onnx            # the prepared GPU run, budgeted
     hrnet bench overhead [--serve-workers 1,2] [--payloads fp32,uint8,jpeg]  # server CPU per request
+    hrnet bench tune     --model m.onnx --p99-ms 100 [--budget-s 600] [--val DIR] --out serving.yaml
 
 Every mode but gpu prints a table and takes `--json FILE`; all but soak and gpu also `--report
 DIR` (Markdown, JSON, PNG plots); gpu writes OUT/results.jsonl and OUT/report.md section by section.
@@ -24,7 +25,7 @@ from pathlib import Path
 from benchmarks import gpu_serving
 from core.errors import CommandError
 
-MODES = ("ceiling", "load", "peers", "accuracy", "batching", "soak", "gpu", "overhead")
+MODES = ("ceiling", "load", "peers", "accuracy", "batching", "soak", "gpu", "overhead", "tune")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -252,6 +253,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _output(p)
 
+    p = modes.add_parser(
+        "tune", help="search the serving settings through a real server; write the best as serving.yaml"
+    )
+    _tune_options(p)
+    _output(p)
+
+
+def _tune_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="the ONNX or MINDIR file to serve")
+    parser.add_argument(
+        "--p99-ms", type=float, required=True, help="latency target: p99 of one-image requests, ms"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="the configuration to write (YAML)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=600.0,
+        help="seconds for the whole tune, checks included (default 600)",
+    )
+    parser.add_argument(
+        "--images", type=Path, help="send encoded images from this folder (default: FP32 tensors)"
+    )
+    parser.add_argument(
+        "--val",
+        type=Path,
+        metavar="DIR",
+        help="ImageFolder val set: also try fp16 and int8 files that pass "
+        "the accuracy gate on it (an fp32 ONNX export of ours)",
+    )
+    parser.add_argument("--calib", type=Path, metavar="DIR", help="int8 calibration images (default: --val)")
+    parser.add_argument(
+        "--max-drop",
+        type=float,
+        metavar="POINTS",
+        help="the accuracy gate's top-1 limit, points (default: hrnet export's)",
+    )
+    parser.add_argument(
+        "--concurrency", type=_ints, help="closed-loop callers tried in order (default 1,2,4,...,128)"
+    )
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds before each level (default 1)")
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds measured per level (default 4)")
+    parser.add_argument("--workers", type=int, default=1, help="load generator processes (default 1)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    parser.add_argument(
+        "--certify-shares",
+        type=_floats,
+        default=(0.8, 0.6, 0.4),
+        help="open-loop rates tried, as shares of the chosen throughput, until the p99 holds (default "
+        "0.8,0.6,0.4)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="alternated re-measurements of the defaults and the result (default 2)",
+    )
+    parser.add_argument(
+        "--cache", type=Path, help="measurements kept here, to resume (default runs/tune/<model>-<hash>)"
+    )
+
 
 def _check(args: argparse.Namespace) -> None:
     if getattr(args, "workers", 1) < 1:
@@ -269,7 +330,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks import modes, overhead, report, soak
+    from benchmarks import modes, overhead, report, soak, tune
 
     _check(args)
     if args.mode == "soak":
@@ -283,6 +344,7 @@ def run(args: argparse.Namespace) -> int:
         "accuracy": modes.accuracy,
         "batching": modes.batching_mode,
         "overhead": overhead.run,
+        "tune": tune.run,
     }
     document = runners[args.mode](args).as_dict()
     print(report.terminal(document))

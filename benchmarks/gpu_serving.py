@@ -37,7 +37,6 @@ killed run keeps what it finished. Rehearse on CPU with a small model and `--dev
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import shlex
@@ -50,10 +49,11 @@ from typing import Any
 import grpc
 import numpy as np
 
-from benchmarks.loadgen import Level, LoadGenerator, Probe
+from benchmarks.loadgen import Level, LoadGenerator
 from benchmarks.machine import this_machine
+from benchmarks.report import gpu_summary
 from benchmarks.sweep import LevelResult, WorkloadSpec
-from benchmarks.targets import CpuProbe, ServerSource, StatisticsProbe, hrnet_target
+from benchmarks.targets import ServerSource, gpu_probe, hrnet_target, window_probes
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 
@@ -249,6 +249,7 @@ def serve_and_load(
     with (
         hrnet_target(ServerSource(model=model, model_name=name), flags, device=args.device) as target,
         LoadGenerator(args.workers) as generator,
+        gpu_probe() as gpus,
         tempfile.TemporaryDirectory(prefix="hrnet-gpu-bench-") as work,
     ):
         start_s = time.monotonic() - started
@@ -261,10 +262,7 @@ def serve_and_load(
                 continue
             images = jpeg_folder(Path(work) / "jpeg") if kind == "jpeg" else None
             generator.add_target(kind, target.address, WorkloadSpec(images=images).build(target.model))
-            probes: list[Probe] = [StatisticsProbe(target.address, target.model.name)]
-            if target.pid:
-                with contextlib.suppress(ImportError):  # without psutil: no server CPU figure
-                    probes.append(CpuProbe(target.pid))
+            probes = window_probes(target, gpus)
             result = LevelResult.of(generator.run(kind, level, probes), ceiling_img_s)
             out[kind] = {
                 **dataclasses.asdict(result),
@@ -290,6 +288,7 @@ def load_text(r: dict[str, Any], max_batch_ms: float | None) -> str:
         f"p50 {r['p50_ms'] or 0:.1f} ms, p99 {r['p99_ms'] or 0:.1f} ms{p99_x}; batches run {sizes} "
         f"(mean {r['mean_batch'] or 0:.1f}); server/ceiling {ratio}; errors {r['errors'] or 'none'}; "
         f"server start {r['server_start_s']:.1f} s, warm-up {r['server_warmup_s'] or '?'} s"
+        + (f"; GPU {gpu_summary(r['gpu'])} (utilization, peak memory, power)" if r.get("gpu") else "")
     )
 
 

@@ -134,10 +134,32 @@ def _errors(errors: dict[str, int]) -> str:
     return ", ".join(f"{code} {count}" for code, count in errors.items()) or "0"
 
 
+def gpu_summary(devices: Sequence[dict[str, float]]) -> str:
+    """ "0: 87% 12.3 GiB 310 W" per device: what the GPU did during a level (NVML, sampled)."""
+    parts = []
+    for d in devices:
+        figures = [f"{100 * d['utilization']:.0f}%" if "utilization" in d else ""]
+        figures.append(f"{d['memory_used_bytes'] / 2**30:.1f} GiB" if "memory_used_bytes" in d else "")
+        figures.append(f"{d['power_watts']:.0f} W" if "power_watts" in d else "")
+        parts.append(f"{d['gpu']:.0f}: " + " ".join(f for f in figures if f))
+    return ", ".join(parts) or "-"
+
+
 def level_table(target: dict[str, Any]) -> Table:
-    header = ["load", *(c[0] for c in LEVEL_COLUMNS), "errors"]
+    gpus = any(lv.get("gpu") for lv in target["levels"])
+    header = [
+        "load",
+        *(c[0] for c in LEVEL_COLUMNS),
+        "errors",
+        *(["GPU util, memory, power"] if gpus else []),
+    ]
     rows = [
-        [level_label(lv), *(fmt(lv[key]) for _, key, fmt in LEVEL_COLUMNS), _errors(lv["errors"])]
+        [
+            level_label(lv),
+            *(fmt(lv[key]) for _, key, fmt in LEVEL_COLUMNS),
+            _errors(lv["errors"]),
+            *([gpu_summary(lv.get("gpu", ()))] if gpus else []),
+        ]
         for lv in target["levels"]
     ]
     return header, rows
@@ -221,6 +243,76 @@ def overhead_table(summary: Sequence[dict[str, Any]]) -> Table:
             ]
         )
     return header, rows
+
+
+def best_level(levels: Sequence[dict[str, Any]], p99_ms: float) -> dict[str, Any] | None:
+    """The level with the most img/s among those without errors whose p99 met `p99_ms`."""
+    meeting = [
+        lv for lv in levels if lv["p99_ms"] is not None and lv["p99_ms"] <= p99_ms and not lv["errors"]
+    ]
+    return max(meeting, key=lambda lv: lv["img_s"], default=None)
+
+
+def tune_table(tune: dict[str, Any]) -> Table:
+    header = ["candidate", "img/s at p99 target", "callers", "p99 ms", "CPU ms/img", "batch", "levels", "s"]
+    gpus = any(lv.get("gpu") for m in tune["candidates"] for lv in m["levels"])
+    header += ["GPU util, memory, power"] if gpus else []
+    rows = []
+    for m in tune["candidates"]:
+        best = best_level(m["levels"], tune["p99_ms"])
+        mark = (
+            " (chosen)" if m["key"] == tune["chosen"] else " (default)" if m["key"] == tune["default"] else ""
+        )
+        cells = ["-"] * 5
+        if best:
+            cells = [
+                _f(best["img_s"]),
+                str(best["concurrency"]),
+                _f(best["p99_ms"]),
+                _f(best["cpu_ms_per_img"], 2),
+                _f(best["mean_batch"]),
+            ]
+        elif m["error"]:
+            cells[0] = "did not start"
+        row = [m["key"] + mark, *cells, str(len(m["levels"])), _f(m["seconds"], 0)]
+        rows.append(row + ([gpu_summary(best.get("gpu", ()) if best else ())] if gpus else []))
+    return header, rows
+
+
+def tune_lines(tune: dict[str, Any]) -> list[str]:
+    v = tune["verify"]
+    lines = [f"{s['setting']}: {s['verdict']} {s['best']}" for s in tune["steps"]]
+    lines += [f"gate, {g['precision']}: {g['summary']}" for g in tune["gates"]]
+    runs = ", ".join(f"{_best_img_s(m, tune['p99_ms'])}" for m in v["chosen_runs"])
+    default_runs = ", ".join(f"{_best_img_s(m, tune['p99_ms'])}" for m in v["default_runs"])
+    lines += [
+        f"written: {tune['config']} (serves {tune['served_model']}), candidate {tune['chosen']}",
+        f"checked, alternated: the defaults {default_runs} img/s, the written file {runs} img/s: "
+        f"{_ratio(v['speedup'])}x the defaults at p99 <= {tune['p99_ms']:g} ms (medians)",
+        f"the written file reproduces {_ratio(v['reproduced'])} of its tuned {_f(tune['tuned_img_s'])} img/s",
+    ]
+    c = v["certify"]
+    if c:
+        tried = ", ".join(
+            f"{_f(rate)} img/s p99 {_f(lv['p99_ms'])} ms"
+            for rate, lv in zip(c["rates_img_s"], c["chosen"], strict=True)
+        )
+        held = f"certified for {_f(c['certified_img_s'])} img/s" if c["certified_img_s"] else "not certified"
+        d = c["default"]
+        lines.append(
+            f"open loop, Poisson arrivals: the written file {tried}: {held}; the defaults at "
+            f"{_f(c['rates_img_s'][-1])} img/s p99 {_f(d['p99_ms'])} ms ({_errors(d['errors'])} errors)"
+        )
+    lines.append(
+        f"{len(tune['candidates'])} candidates ({tune['cached']} from the cache {tune['cache']}), "
+        f"{len(tune['skipped'])} skipped for the budget; {tune['seconds']:.0f} s of {tune['budget_s']:g}"
+    )
+    return lines
+
+
+def _best_img_s(measurement: dict[str, Any], p99_ms: float) -> str:
+    best = best_level(measurement["levels"], p99_ms)
+    return _f(best["img_s"]) if best else "0"
 
 
 def accuracy_lines(accuracy: dict[str, Any]) -> list[str]:
@@ -326,6 +418,11 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, Table | list[str]]]:
             sections.append(
                 ("The owner alone, fed by a stand-in front end (CPU ms per request)", (header, rows))
             )
+    if "tune" in report:
+        t = report["tune"]
+        title = f"Candidates at p99 <= {t['p99_ms']:g} ms, in the order measured (the best level of each)"
+        sections.append((title, tune_table(t)))
+        sections.append(("The result", tune_lines(t)))
     return sections
 
 
@@ -471,7 +568,50 @@ def write_plots(report: dict[str, Any], folder: Path, stem: str) -> list[Path]:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         save(fig, "owner_cap")
+    if "tune" in report:
+        save(pareto_plot(plt, report["tune"]), "pareto")
     return paths
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (p99 ms, img/s) points no other point beats on both, by rising p99."""
+    front: list[tuple[float, float]] = []
+    for p99, img_s in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or img_s > front[-1][1]:
+            front.append((p99, img_s))
+    return front
+
+
+def pareto_plot(plt: Any, tune: dict[str, Any]) -> Any:
+    """Every level of every candidate: throughput against p99, the front, the target, both picks."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    points = [
+        (lv["p99_ms"], lv["img_s"])
+        for m in tune["candidates"]
+        for lv in m["levels"]
+        if lv["p99_ms"] is not None and not lv["errors"]
+    ]
+    ax.scatter(
+        [p[0] for p in points], [p[1] for p in points], s=12, color="lightgray", label="a level measured"
+    )
+    front = pareto_front(points)
+    ax.plot([p[0] for p in front], [p[1] for p in front], "o-", color="tab:blue", ms=4, label="Pareto front")
+    for key, colour, name in (
+        (tune["default"], "tab:red", "defaults"),
+        (tune["chosen"], "tab:green", "chosen"),
+    ):
+        m = next((m for m in tune["candidates"] if m["key"] == key), None)
+        best = best_level(m["levels"], tune["p99_ms"]) if m else None
+        if best:
+            ax.scatter(
+                [best["p99_ms"]], [best["img_s"]], s=60, color=colour, zorder=3, label=f"{name}: {key}"
+            )
+    ax.axvline(tune["p99_ms"], ls="--", color="gray", label=f"p99 target {tune['p99_ms']:g} ms")
+    ax.set(xscale="log", xlabel="p99 latency, ms", ylabel="img/s", title="Tuning: throughput against p99")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return fig
 
 
 def _log2_axis(ax: Any, values: Sequence[float]) -> None:

@@ -6,7 +6,6 @@ background load over all servers alike, so their ratios hold even when absolute 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 from collections.abc import Sequence
@@ -18,10 +17,10 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks.ceiling import Ceiling
-from benchmarks.loadgen import Level, LoadGenerator, Measured, Probe, Workload
+from benchmarks.loadgen import Level, LoadGenerator, Measured, Workload
 from benchmarks.protocol import KSERVE, ModelInfo
 from benchmarks.protocol import api as make_api
-from benchmarks.targets import CpuProbe, StatisticsProbe, Target
+from benchmarks.targets import Target, gpu_probe, window_probes
 from clients.images import find_images
 from core.errors import CommandError
 
@@ -116,6 +115,7 @@ class LevelResult:
     loadgen_cpu: float  # cores the load generator used
     ratio_to_ceiling: float | None
     cdf_ms: tuple[tuple[float, float], ...] = ()
+    gpu: tuple[dict[str, float], ...] = ()  # per device over the window, where NVML finds a GPU here
 
     @property
     def level(self) -> Level:
@@ -149,6 +149,7 @@ class LevelResult:
             loadgen_cpu=measured.loadgen_cpu,
             ratio_to_ceiling=img_s / ceiling_img_s if ceiling_img_s else None,
             cdf_ms=lat.cdf_ms if lat else (),
+            gpu=tuple(server.get("gpu", ())),
         )
 
 
@@ -187,14 +188,11 @@ def run(
     for target in targets:
         generator.add_target(target.label, target.address, workloads[target.label])
     ceiling_img_s = ceiling.best.img_s if ceiling else None
-    with tqdm(total=len(levels) * len(targets), unit="level", disable=None) as bar:
+    with gpu_probe() as gpus, tqdm(total=len(levels) * len(targets), unit="level", disable=None) as bar:
         for level in levels:
             for target in targets:
                 bar.set_description(f"{target.label}, {level.label}")
-                probes: list[Probe] = [StatisticsProbe(target.address, target.model.name)]
-                if target.pid:
-                    with contextlib.suppress(ImportError):  # without psutil: no server CPU figure
-                        probes.append(CpuProbe(target.pid))
+                probes = window_probes(target, gpus)
                 result = LevelResult.of(generator.run(target.label, level, probes), ceiling_img_s)
                 results[target.label].levels.append(result)
                 bar.update()

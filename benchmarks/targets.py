@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import statistics
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from benchmarks.loadgen import Probe
 from benchmarks.protocol import ModelInfo, fetch_model_info, server_name
 from core.errors import CommandError
+from core.nvml import Nvml
 from protos import grpc_service_pb2 as kpb
 from protos.grpc_service_pb2_grpc import GRPCInferenceServiceStub as Stub
 from serving.config import ModelConfig
@@ -205,3 +209,73 @@ class CpuProbe:
             return {}
         elapsed = time.monotonic() - self._start[0]
         return {"server_cpu": (self._cpu_s() - self._start[1]) / elapsed} if elapsed > 0 else {}
+
+
+class GpuProbe:
+    """This machine's GPUs over the window, sampled every `interval_s` on a thread: mean utilization
+    and power, peak memory and temperature per device. Only made where NVML finds a GPU."""
+
+    def __init__(self, nvml: Nvml, interval_s: float = 0.25) -> None:
+        self.nvml = nvml
+        self.interval_s = interval_s
+        self._samples: list[list[dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while True:
+            self._samples.append(self.nvml.read())
+            if self._stop.wait(self.interval_s):
+                return
+
+    def start(self) -> None:
+        self._samples, self._stop = [], threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="hrnet-gpu-probe", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> dict[str, Any]:
+        if self._thread is None:
+            return {}
+        self._stop.set()
+        self._thread.join()
+        devices = []
+        for index, readings in enumerate(zip(*self._samples, strict=True)):
+            summary: dict[str, float] = {"gpu": index}
+            for name, reduce in GPU_SUMMARY.items():
+                values = [r[name] for r in readings if name in r]
+                if values:
+                    summary[name] = reduce(values)
+            devices.append(summary)
+        return {"gpu": devices}
+
+
+@contextlib.contextmanager
+def gpu_probe() -> Iterator[GpuProbe | None]:
+    """A probe of this machine's GPUs where NVML finds one, else None; NVML is closed after."""
+    nvml, _ = Nvml.open()
+    if nvml is None:
+        yield None
+        return
+    try:
+        yield GpuProbe(nvml)
+    finally:
+        nvml.close()
+
+
+def window_probes(target: Target, gpus: GpuProbe | None) -> list[Probe]:
+    """What is read around each measured window of `target`: its statistics, the CPU of a server
+    started here (where psutil is installed) and this machine's GPUs (where NVML finds one)."""
+    probes: list[Probe] = [StatisticsProbe(target.address, target.model.name)]
+    if target.pid:
+        with contextlib.suppress(ImportError):  # without psutil: no server CPU figure
+            probes.append(CpuProbe(target.pid))
+    return [*probes, *([gpus] if gpus else [])]
+
+
+# How a window's samples of each NVML reading are summarized.
+GPU_SUMMARY: dict[str, Callable[[list[float]], float]] = {
+    "utilization": statistics.fmean,
+    "memory_used_bytes": max,
+    "power_watts": statistics.fmean,
+    "temperature_celsius": max,
+}

@@ -37,6 +37,8 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
 LAZY: dict[str, tuple[str, ...]] = {
     # `hrnet bench gpu prepare`: W48 exported and converted to fp16 as `hrnet export` does it.
     "benchmarks.gpu_serving": ("training",),
+    # `hrnet bench tune --val`: fp16 and int8 files made and gated as `hrnet export --precision` does.
+    "benchmarks.tune": ("training",),
 }
 
 PROBE = textwrap.dedent(

@@ -149,6 +149,10 @@ ELSEWHERE: dict[str, Elsewhere] = {
         "six servers under load for a minute and more on both cores",
         "tests/benchmarks/test_overhead.py::test_one_and_two_processes_measured_split_and_reported",
     ),
+    r"hrnet bench tune --model digits\.onnx .*": Elsewhere(
+        "a dozen servers measured for up to ten minutes on both cores",
+        "tests/benchmarks/test_tune.py::test_a_tune_writes_a_served_configuration_and_resumes",
+    ),
     r"hrnet bench soak .*": Elsewhere(
         "minutes of overload on both cores, and the demo's export",
         "tests/benchmarks/test_soak.py::test_a_short_soak_at_twice_capacity_holds_every_property",
@@ -183,7 +187,7 @@ ELSEWHERE: dict[str, Elsewhere] = {
         "needs `make demo`'s checkpoint and export (minutes of training)",
         "tests/benchmarks/test_bench.py::test_accuracy_through_the_server_equals_hrnet_eval",
     ),
-    r"bash benchmarks/results/w18_small_v1_224_cpu\.sh .*": Elsewhere(
+    r"bash benchmarks/reports/w18_small_v1_224_cpu\.sh .*": Elsewhere(
         "ten minutes of measurement, meant for a quiet machine",
         "tests/benchmarks/test_bench.py::test_peers_runs_mlserver_beside_ours",
     ),
@@ -477,15 +481,18 @@ def _unknown_keys(data: object, cls: type, where: str) -> list[str]:
 
 
 def test_every_config_yaml_key_shown_exists() -> None:
+    """A block with `model_defaults` is a server file (`--config`); the rest are a model's config.yaml."""
     import yaml
 
-    from serving.config import ModelConfig
+    from serving.config import ModelConfig, ServerConfig
 
     blocks = [(page, b) for page in PAGES for b in re.findall(r"```yaml\n(.*?)```", page.read_text(), re.S)]
     assert len(blocks) >= 2
     for page, block in blocks:
-        wrong = _unknown_keys(yaml.safe_load(block), ModelConfig, "")
-        assert not wrong, f"{page_name(page)}: keys config.yaml does not have: {wrong}"
+        data = yaml.safe_load(block)
+        cls = ServerConfig if isinstance(data, dict) and "model_defaults" in data else ModelConfig
+        wrong = _unknown_keys(data, cls, "")
+        assert not wrong, f"{page_name(page)}: keys {cls.__name__} does not have: {wrong}"
 
 
 def test_every_hrnet_variable_named_is_a_setting() -> None:

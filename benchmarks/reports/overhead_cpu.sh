@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The committed overhead report, in one command (from the project root, after `make venv`):
 #
-#   bash benchmarks/results/overhead_cpu.sh ["conditions to state in the report"]
+#   bash benchmarks/reports/overhead_cpu.sh ["conditions to state in the report"]
 #
 # The server's own CPU per one-image request (FP32, UINT8, JPEG) on a near-free model, one
 # process against --workers 2, alternated twice; then the owner alone at 1, 2, 4 and 16
-# requests in flight. Writes benchmarks/results/overhead_cpu/overhead.{md,json} and the plot.
+# requests in flight. Writes benchmarks/reports/overhead_cpu/overhead.{md,json} and the plot.
 # About 4 minutes on a 2-core machine.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-.venv/bin/python}
 "$PYTHON" -m hrnet bench overhead --payloads fp32,uint8,jpeg --serve-workers 1,2 --repeats 2 \
     --duration 8 --owner-alone 1,2,4,16 --owner-requests 5000 \
-    --report benchmarks/results/overhead_cpu --note "${1:-}"
+    --report benchmarks/reports/overhead_cpu --note "${1:-}"

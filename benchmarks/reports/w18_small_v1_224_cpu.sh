@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The committed CPU report, in one command (from the project root, after `make venv`):
 #
-#   bash benchmarks/results/w18_small_v1_224_cpu.sh ["conditions to state in the report"]
+#   bash benchmarks/reports/w18_small_v1_224_cpu.sh ["conditions to state in the report"]
 #
 # W18-small-v1 at 224x224, fp32 ONNX, 1000 classes, exported by `hrnet export` from a freshly
 # initialised network (weights do not change the speed). Writes into
-# benchmarks/results/w18_small_v1_224_cpu/:
+# benchmarks/reports/w18_small_v1_224_cpu/:
 #   peers.md/.json/*.png     the ceiling, our sweep over 1..32 callers and MLServer's, in one run
 #                            then 4 alternated pairs of the ceiling and our server at saturation
 #   batching.md/.json/*.png  dynamic batching off vs on at 16 callers, alternated 3 times
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-.venv/bin/python}
 NOTE=${1:-}
 WORK=runs/bench/w18_small_v1_224
-OUT=benchmarks/results/w18_small_v1_224_cpu
+OUT=benchmarks/reports/w18_small_v1_224_cpu
 MODEL=$WORK/w18_small_v1_224.onnx
 mkdir -p "$WORK" "$OUT"
 

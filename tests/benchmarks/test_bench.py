@@ -19,7 +19,9 @@ import pytest
 from benchmarks.latency import LatencySummary, percentile
 from benchmarks.loadgen import Level, LoadGenerator, split
 from benchmarks.protocol import CLASSIFIER, KSERVE, fetch_model_info
+from benchmarks.report import LEVEL_COLUMNS, level_table
 from benchmarks.sweep import WorkloadSpec
+from benchmarks.targets import gpu_probe
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -250,3 +252,33 @@ def test_bad_invocations_fail_in_one_line() -> None:
     assert result.returncode == 2 and "absent.onnx does not exist" in result.stderr
     result = bench("load", "--url", "127.0.0.1:1", "--concurrency", "0")
     assert result.returncode == 2 and "expected integers >= 1" in result.stderr
+
+
+def test_each_level_summarizes_the_gpu_where_nvml_finds_one(stand_in_nvml) -> None:
+
+    with gpu_probe() as probe:
+        assert probe is not None
+        probe.start()
+        (device,) = probe.stop()["gpu"]
+    assert device == {
+        "gpu": 0,
+        "utilization": pytest.approx(0.37),
+        "memory_used_bytes": 3 << 30,
+        "power_watts": pytest.approx(215.5),
+        "temperature_celsius": 54,
+    }
+    level = {"concurrency": 4, "rate": 0.0, "errors": {}, "gpu": [device]}
+    level |= {key: None for _, key, _ in LEVEL_COLUMNS}
+    header, (row,) = level_table({"levels": [level]})
+    assert header[-1] == "GPU util, memory, power" and row[-1] == "0: 37% 3.0 GiB 216 W"
+
+
+def test_no_nvml_no_gpu_probe_and_no_gpu_column(monkeypatch) -> None:
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    with gpu_probe() as probe:
+        assert probe is None
+    level = {"concurrency": 4, "rate": 0.0, "errors": {}, "gpu": []}
+    level |= {key: None for _, key, _ in LEVEL_COLUMNS}
+    header, _ = level_table({"levels": [level]})
+    assert not any("GPU" in column for column in header)

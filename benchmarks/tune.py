@@ -1,0 +1,598 @@
+"""`hrnet bench tune`: the serving configuration found by measurement, written where `hrnet serve` reads it.
+
+Every candidate is one `hrnet serve` started on 127.0.0.1 with its settings, driven closed loop
+with one image per request at 1, 2, 4, ... callers until its p99 passes the target or its
+throughput stops rising. Its score is the highest throughput at which the p99 met the target.
+
+Six settings with a handful of values each make thousands of combinations at half a minute
+each, so the search is coordinate descent from the defaults: one setting at a time (precision,
+then instances and threads, batch size, queue delay, front-end processes), each measured with
+the best of the others found so far, then a refining pass on the batch size and the delay
+around their best values. A candidate that does not beat the best by `TIE` keeps the incumbent,
+and among ties the lower CPU per image wins. Before each candidate the time it would take
+(the mean of those measured so far) is weighed against the budget left after the final check;
+what does not fit is listed as skipped.
+
+The final check is the claim itself: the default configuration and the written file (served by
+`hrnet serve --config FILE`) measured again, alternated, by the same procedure, and then an
+open loop of Poisson arrivals at `certify_shares` of the chosen throughput, the highest first,
+until the p99 holds: the rate at which it holds is the rate the file is certified for. Every
+measurement is appended to a cache as it finishes, so an interrupted tune continues where it
+stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from benchmarks.loadgen import Level, LoadGenerator
+from benchmarks.machine import Machine, this_machine
+from benchmarks.modes import command_line
+from benchmarks.protocol import ModelInfo
+from benchmarks.report import Report, best_level
+from benchmarks.sweep import LevelResult, WorkloadSpec
+from benchmarks.targets import GpuProbe, ServerSource, Target, gpu_probe, hrnet_target, window_probes
+from core.atomic import atomic_path, atomic_write_text
+from core.errors import CommandError
+from serving.config import BatchingConfig, ModelConfig, ServerConfig, usable_cores
+
+TIE = 0.05  # throughputs closer than this are equal: same-run repeats here differ by a few percent
+SATURATED_GAIN = 1.05  # a level that adds less than this has reached the server's capacity
+DEFAULT_LADDER = (1, 2, 4, 8, 16, 32, 64, 128)
+CACHE_FILE = "measurements.jsonl"
+
+
+@dataclass(frozen=True, order=True)
+class Candidate:
+    """One configuration, every setting stated (none left to the server's rules)."""
+
+    precision: str
+    workers: int  # front-end processes
+    instances: int
+    threads: int  # intra-op threads per instance
+    max_batch_size: int
+    max_queue_delay_us: int
+
+    @property
+    def key(self) -> str:
+        return (
+            f"{self.precision} w{self.workers} i{self.instances}x{self.threads} "
+            f"b{self.max_batch_size} d{self.max_queue_delay_us}"
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """The ServerConfig fields this candidate sets, nested as in the YAML file."""
+        return {
+            "workers": self.workers,
+            "model_defaults": {
+                "instances": self.instances,
+                "threads_per_instance": self.threads,
+                "batching": {
+                    "max_batch_size": self.max_batch_size,
+                    "max_queue_delay_us": self.max_queue_delay_us,
+                    "max_queue_size": max(BatchingConfig().max_queue_size, self.max_batch_size),
+                },
+            },
+        }
+
+    def flags(self) -> list[str]:
+        batching = self.settings()["model_defaults"]["batching"]
+        return [
+            *("--workers", str(self.workers), "--instances", str(self.instances)),
+            *("--threads", str(self.threads), "--max-batch-size", str(self.max_batch_size)),
+            *("--max-queue-delay-us", str(self.max_queue_delay_us)),
+            *("--max-queue-size", str(batching["max_queue_size"])),
+        ]
+
+
+def default_candidate(cores: int) -> Candidate:
+    """What `hrnet serve --model M` runs on `cores` cores, resolved by the server's own rules
+    (serving/config.py), so a candidate equal to it in effect is not measured twice."""
+    model, batching = ModelConfig(), BatchingConfig()
+    return Candidate(
+        precision="fp32",
+        workers=ServerConfig(model="m").front_ends(cores),
+        instances=model.instances,
+        threads=model.intra_op_threads(cores),
+        max_batch_size=batching.max_batch_size,
+        max_queue_delay_us=batching.max_queue_delay_us,
+    )
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """How every candidate is measured; part of the cache key, since it changes the figures."""
+
+    p99_ms: float
+    ladder: tuple[int, ...] = DEFAULT_LADDER
+    warmup_s: float = 1.0
+    duration_s: float = 4.0
+    device: str = "cpu"
+    certify_shares: tuple[float, ...] = (0.8, 0.6, 0.4)
+    rounds: int = 2  # alternated re-measurements of the default and the chosen configuration
+
+    def __post_init__(self) -> None:
+        if self.p99_ms <= 0:
+            raise CommandError(f"--p99-ms must be > 0, got {self.p99_ms}")
+        if self.duration_s <= 0 or self.warmup_s < 0:
+            raise CommandError("--duration must be > 0 and --warmup >= 0")
+        if not all(0 < share <= 1 for share in self.certify_shares):
+            raise CommandError(f"--certify-shares must be within (0, 1], got {list(self.certify_shares)}")
+        if self.rounds < 1:
+            raise CommandError(f"--rounds must be >= 1, got {self.rounds}")
+
+
+@dataclass
+class Measurement:
+    """A candidate through a real server: its levels, and the best one under the target."""
+
+    candidate: Candidate
+    levels: list[dict[str, Any]]
+    seconds: float  # wall time, server start included: what the budget is charged
+    phase: str  # "search" or "verify"
+    error: str = ""  # the server did not start: the reason
+
+    def best(self, p99_ms: float) -> dict[str, Any] | None:
+        return best_level(self.levels, p99_ms)
+
+    def score(self, p99_ms: float) -> float:
+        best = self.best(p99_ms)
+        return best["img_s"] if best else 0.0
+
+    def cpu_ms(self, p99_ms: float) -> float:
+        """Server CPU per image at the best level; infinite when unknown, so it never wins a tie."""
+        best = self.best(p99_ms)
+        return best["cpu_ms_per_img"] if best and best["cpu_ms_per_img"] is not None else float("inf")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "candidate": dataclasses.asdict(self.candidate),
+            "key": self.candidate.key,
+            "levels": self.levels,
+            "seconds": self.seconds,
+            "phase": self.phase,
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Measurement:
+        return cls(
+            Candidate(**data["candidate"]), data["levels"], data["seconds"], data["phase"], data["error"]
+        )
+
+
+def better(a: Measurement, b: Measurement, p99_ms: float) -> bool:
+    """Whether `a` beats `b`: more than TIE more throughput, or as much for less CPU per image."""
+    sa, sb = a.score(p99_ms), b.score(p99_ms)
+    if sa > sb * (1 + TIE):
+        return True
+    return sa >= sb * (1 - TIE) and sa > 0 and a.cpu_ms(p99_ms) < b.cpu_ms(p99_ms)
+
+
+class Cache:
+    """Measurements of one model, workload, machine and settings, one JSON line each."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / CACHE_FILE
+        self.found: dict[str, Measurement] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                with contextlib.suppress(ValueError, KeyError, TypeError):  # a line cut by a kill
+                    m = Measurement.from_dict(json.loads(line))
+                    if m.phase == "search":
+                        self.found[m.candidate.key] = m
+
+    def add(self, measurement: Measurement) -> None:
+        with self.path.open("a") as file:
+            file.write(json.dumps(measurement.as_dict()) + "\n")
+        if measurement.phase == "search":
+            self.found[measurement.candidate.key] = measurement
+
+
+def cache_folder(
+    root: Path, model: Path, spec: WorkloadSpec, settings: TuneSettings, machine: Machine
+) -> Path:
+    """A folder per model file (by content), workload, measuring settings and machine."""
+    digest = hashlib.sha256()
+    with model.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    state = {
+        "workload": [spec.api, str(spec.images), spec.images_per_request, spec.streaming],
+        "settings": dataclasses.asdict(settings),
+        "machine": [machine.cpu, machine.cores, machine.gpu],
+    }
+    digest.update(json.dumps(state, sort_keys=True).encode())
+    return root / f"{model.stem}-{digest.hexdigest()[:12]}"
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+def _level(result: LevelResult) -> dict[str, Any]:
+    cpu_ms = 1000 * result.server_cpu / result.img_s if result.server_cpu and result.img_s else None
+    return {
+        "concurrency": result.concurrency,
+        "rate": result.rate,
+        "img_s": result.img_s,
+        "p50_ms": result.p50_ms,
+        "p99_ms": result.p99_ms,
+        "errors": result.errors,
+        "mean_batch": result.mean_batch,
+        "server_cpu": result.server_cpu,
+        "cpu_ms_per_img": cpu_ms,
+        "gpu": list(result.gpu),
+    }
+
+
+class Bench:
+    """The load generator and what every measurement shares: the model files, workload and settings."""
+
+    def __init__(
+        self,
+        generator: LoadGenerator,
+        files: dict[str, Path],
+        spec: WorkloadSpec,
+        settings: TuneSettings,
+        default: Candidate,
+        gpus: GpuProbe | None,
+    ) -> None:
+        self.generator = generator
+        self.files = files  # precision -> model file
+        self.spec = spec
+        self.settings = settings
+        self.default = default
+        self.gpus = gpus
+        self.model: ModelInfo | None = None  # as the first server described it
+        self._targets = 0
+
+    @contextlib.contextmanager
+    def _serve(self, candidate: Candidate, config: Path | None) -> Iterator[tuple[str, Target]]:
+        """`hrnet serve --config FILE`, or with the candidate's flags, or with none for the defaults."""
+        if config:
+            flags = ["--config", str(config)]
+        else:
+            flags = [] if candidate == self.default else candidate.flags()
+        if self.settings.device != "cpu":
+            flags += ["--device", self.settings.device]
+        source = ServerSource(model=self.files[candidate.precision])
+        with hrnet_target(source, flags, candidate.key, self.settings.device) as target:
+            self._targets += 1
+            key = f"{candidate.key} #{self._targets}"
+            self.model = self.model or target.model
+            self.generator.add_target(key, target.address, self.spec.build(target.model))
+            yield key, target
+
+    def _run(self, key: str, target: Target, level: Level) -> dict[str, Any]:
+        probes = window_probes(target, self.gpus)
+        return _level(LevelResult.of(self.generator.run(key, level, probes), None))
+
+    def closed_loop(self, candidate: Candidate, phase: str, config: Path | None = None) -> Measurement:
+        """Callers doubled until the p99 passes the target, errors appear or throughput stops rising."""
+        s = self.settings
+        began = time.monotonic()
+        levels: list[dict[str, Any]] = []
+        try:
+            with self._serve(candidate, config) as (key, target):
+                for concurrency in s.ladder:
+                    level = Level(concurrency=concurrency, warmup_s=s.warmup_s, duration_s=s.duration_s)
+                    result = self._run(key, target, level)
+                    best = max((lv["img_s"] for lv in levels), default=0.0)
+                    levels.append(result)
+                    if result["p99_ms"] is None or result["p99_ms"] > s.p99_ms or result["errors"]:
+                        break
+                    if best and result["img_s"] < best * SATURATED_GAIN:
+                        break
+        except CommandError as exc:  # the server refused the settings or could not start
+            return Measurement(candidate, levels, time.monotonic() - began, phase, str(exc))
+        return Measurement(candidate, levels, time.monotonic() - began, phase)
+
+    def open_loop(
+        self, candidate: Candidate, rates: Sequence[float], config: Path | None = None
+    ) -> list[dict[str, Any]]:
+        """Poisson arrivals at each of `rates` images/s in turn, twice the duration each, on one
+        server, until the p99 meets the target without errors."""
+        s = self.settings
+        levels: list[dict[str, Any]] = []
+        with self._serve(candidate, config) as (key, target):
+            for rate in rates:
+                level = Level(
+                    rate=rate / self.spec.images_per_request,
+                    warmup_s=max(s.warmup_s, 1.0),
+                    duration_s=2 * s.duration_s,
+                )
+                levels.append(self._run(key, target, level))
+                if best_level(levels[-1:], s.p99_ms):
+                    break
+        return levels
+
+
+# --- the search --------------------------------------------------------------------------------
+
+Change = dict[str, int | str]
+
+
+def axes(cores: int, device: str, precisions: Sequence[str]) -> list[tuple[str, list[Change]]]:
+    """The coarse pass: (setting, the values tried), in the order they are tuned. On a CPU the
+    instances share the cores; on an accelerator each instance is another stream of work for it."""
+    if device == "cpu":
+        shares = [1, 2, *([cores] if cores >= 4 else [])]
+        parallel: list[Change] = [{"instances": n, "threads": max(1, cores // n)} for n in shares]
+    else:
+        parallel = [{"instances": n, "threads": max(1, cores // n)} for n in (1, 2, 4)]
+    return [
+        ("precision", [{"precision": p} for p in precisions]),
+        ("instances x threads", parallel),
+        ("max batch size", [{"max_batch_size": b} for b in (1, 4, 16, 64)]),
+        ("max queue delay", [{"max_queue_delay_us": d} for d in (0, 500, 2000, 8000)]),
+        ("front-end processes", [{"workers": w} for w in sorted({1, 2, *(n for n in (4, 8) if n <= cores)})]),
+    ]
+
+
+def refinements(best: Candidate) -> list[tuple[str, list[Change]]]:
+    """The refining pass: the neighbours of the best batch size and delay."""
+    b, d = best.max_batch_size, best.max_queue_delay_us
+    batches = sorted({max(1, b // 2), min(256, b * 2)} - {b})
+    delays = sorted({d // 2, d * 2 if d else 250} - {d})
+    return [
+        ("max batch size, refined", [{"max_batch_size": v} for v in batches]),
+        ("max queue delay, refined", [{"max_queue_delay_us": v} for v in delays]),
+    ]
+
+
+@dataclass
+class SearchResult:
+    best: Measurement
+    default: Measurement
+    measured: list[Measurement] = field(default_factory=list)  # in search order, cached ones too
+    cached: int = 0
+    skipped: list[str] = field(default_factory=list)  # candidate keys the budget left out
+    steps: list[dict[str, str]] = field(default_factory=list)  # per setting: what won
+
+
+class Search:
+    """Coordinate descent over `axes`, then `refinements`, within the budget."""
+
+    def __init__(self, bench: Bench, cache: Cache, deadline: float, reserve_runs: int) -> None:
+        self.bench = bench
+        self.cache = cache
+        self.deadline = deadline  # time.monotonic() by which the final check too must be done
+        self.reserve_runs = reserve_runs  # measurements the final check needs
+        self.seconds: list[float] = []  # of the measurements made here
+        self.from_cache = 0
+
+    def _fits(self) -> bool:
+        """Whether one more measurement and the final check fit, at the mean cost so far (this
+        run's, else the cached ones')."""
+        past = self.seconds or [m.seconds for m in self.cache.found.values()] or [0.0]
+        return time.monotonic() + (1 + self.reserve_runs) * statistics.mean(past) <= self.deadline
+
+    def measure(self, candidate: Candidate, always: bool = False) -> Measurement | None:
+        """From the cache, else measured if the budget allows (or `always`), else None."""
+        m = self.cache.found.get(candidate.key)
+        if m is not None:
+            self.from_cache += 1
+        else:
+            if not (always or self._fits()):
+                return None
+            m = self.bench.closed_loop(candidate, "search")
+            self.seconds.append(m.seconds)
+            self.cache.add(m)
+        say(m, self.bench.settings.p99_ms)
+        return m
+
+    def run(self, precisions: Sequence[str]) -> SearchResult:
+        default = self.bench.default
+        first = self.measure(default, always=True)  # the baseline, whatever the budget
+        assert first is not None
+        result = SearchResult(best=first, default=first, measured=[first])
+        coarse = axes(usable_cores(), self.bench.settings.device, precisions)
+        with tqdm(total=sum(len(v) for _, v in coarse) + 4, unit="candidate", disable=None) as bar:
+            for name, changes in coarse:
+                self._axis(result, name, changes, bar)
+            for name, changes in refinements(result.best.candidate):
+                self._axis(result, name, changes, bar)
+        result.cached = self.from_cache
+        return result
+
+    def _axis(self, result: SearchResult, name: str, changes: list[Change], bar: tqdm) -> None:
+        """Each value of one setting on the best so far; the best of them stays."""
+        incumbent = result.best
+        for change in changes:
+            bar.update()
+            candidate = dataclasses.replace(incumbent.candidate, **change)  # type: ignore[arg-type]
+            if any(m.candidate == candidate for m in result.measured):
+                continue
+            m = self.measure(candidate)
+            if m is None:
+                result.skipped.append(candidate.key)
+                continue
+            result.measured.append(m)
+            if better(m, result.best, self.bench.settings.p99_ms):
+                result.best = m
+        verdict = "kept" if result.best is incumbent else "chose"
+        result.steps.append({"setting": name, "verdict": verdict, "best": result.best.candidate.key})
+
+
+def say(m: Measurement, p99_ms: float) -> None:
+    """One line per measurement, above the progress bar."""
+    best = m.best(p99_ms)
+    if m.error:
+        text = f"did not start: {m.error.splitlines()[0]}"
+    elif best:
+        cpu = f", {best['cpu_ms_per_img']:.2f} CPU ms/img" if best["cpu_ms_per_img"] else ""
+        text = f"{best['img_s']:.1f} img/s at {best['concurrency']} callers, p99 {best['p99_ms']:.0f} ms{cpu}"
+    else:
+        text = f"p99 over {p99_ms:g} ms even at 1 caller"
+    tqdm.write(f"{m.phase} {m.candidate.key}: {text}", sys.stderr)
+
+
+# --- precision ---------------------------------------------------------------------------------
+
+
+def reduced_files(
+    model: Path, folder: Path, val: Path, calib: Path | None, max_drop: float | None
+) -> tuple[dict[str, Path], list[dict[str, Any]]]:
+    """`model` and its fp16 and int8 versions that pass the accuracy gate on `val`, made once per
+    cache folder; the gates' verdicts either way."""
+    from training.export import AccuracyGateError, ExportError, reduce_export
+    from training.precision import DEFAULT_MAX_DROP, Calibration, Reduction
+
+    limit = DEFAULT_MAX_DROP if max_drop is None else max_drop
+
+    files, gates = {"fp32": model}, []
+    record = folder / "gates.json"
+    known = {g["precision"]: g for g in json.loads(record.read_text())} if record.exists() else {}
+    for precision in ("fp16", "int8"):
+        out = folder / f"{model.stem}.{precision}.onnx"
+        if precision not in known or (known[precision]["passed"] and not out.exists()):
+            calibration = Calibration(calib or val) if precision == "int8" else None
+            try:
+                gate = reduce_export(model, out, Reduction(precision, val, limit, calibration), force=True)
+                known[precision] = {"precision": precision, "passed": True, "summary": gate.summary()}
+            except AccuracyGateError as exc:
+                known[precision] = {"precision": precision, "passed": False, "summary": str(exc)}
+            except (ExportError, ValueError) as exc:
+                raise CommandError(f"--val: no {precision} version of {model}: {exc}") from None
+            atomic_write_text(record, json.dumps(list(known.values()), indent=2) + "\n")
+        gates.append(known[precision])
+        if known[precision]["passed"]:
+            files[precision] = out
+        tqdm.write(f"{precision}: {known[precision]['summary']}", sys.stderr)
+    return files, gates
+
+
+# --- the result --------------------------------------------------------------------------------
+
+
+def write_config(out: Path, model: Path, candidate: Candidate, header: Sequence[str]) -> None:
+    """The YAML `hrnet serve --config` reads: the model file and every tuned setting, stated."""
+    data = {"model": str(model), **candidate.settings()}
+    text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(data, sort_keys=False)
+    atomic_write_text(out, text)
+
+
+def served_model(out: Path, files: dict[str, Path], precision: str) -> Path:
+    """The file the configuration serves (a reduced one copied out of the cache, beside it), named
+    relative to the working directory when inside it, as `hrnet serve` resolves it, else in full."""
+    source = files[precision]
+    if precision != "fp32":
+        target = out.parent / source.name
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+        source = target
+    path = source.resolve()
+    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+
+
+def verify(bench: Bench, chosen: Candidate, config: Path) -> dict[str, Any]:
+    """The defaults and the written file, alternated; then the certifying open loop on both."""
+    p99 = bench.settings.p99_ms
+    default_runs, chosen_runs = [], []
+    for _ in range(bench.settings.rounds):
+        default_runs.append(bench.closed_loop(bench.default, "verify"))
+        say(default_runs[-1], p99)
+        chosen_runs.append(bench.closed_loop(chosen, "verify", config))
+        say(chosen_runs[-1], p99)
+    default_img_s = statistics.median(m.score(p99) for m in default_runs)
+    chosen_img_s = statistics.median(m.score(p99) for m in chosen_runs)
+    certify: dict[str, Any] = {}
+    if chosen_img_s > 0:
+        rates = [share * chosen_img_s for share in bench.settings.certify_shares]
+        chosen_levels = bench.open_loop(chosen, rates, config)
+        held = best_level(chosen_levels, p99)
+        rate = rates[len(chosen_levels) - 1]
+        certify = {
+            "rates_img_s": rates[: len(chosen_levels)],
+            "certified_img_s": rate if held else None,
+            "chosen": chosen_levels,
+            "default": bench.open_loop(bench.default, [rate])[0],
+        }
+    return {
+        "default_runs": [m.as_dict() for m in default_runs],
+        "chosen_runs": [m.as_dict() for m in chosen_runs],
+        "default_img_s": default_img_s,
+        "chosen_img_s": chosen_img_s,
+        "speedup": chosen_img_s / default_img_s if default_img_s else None,
+        "certify": certify,
+    }
+
+
+def run(args: argparse.Namespace) -> Report:
+    began = time.monotonic()
+    machine = this_machine()
+    if not args.model.is_file():
+        raise CommandError(f"model file {args.model} does not exist")
+    if args.budget_s <= 0:
+        raise CommandError(f"--budget-s must be > 0, got {args.budget_s}")
+    settings = TuneSettings(
+        p99_ms=args.p99_ms,
+        ladder=args.concurrency or DEFAULT_LADDER,
+        warmup_s=args.warmup,
+        duration_s=args.duration,
+        device=args.device,
+        certify_shares=args.certify_shares,
+        rounds=args.rounds,
+    )
+    spec = WorkloadSpec(images=args.images, timeout_s=args.timeout)
+    folder = args.cache or cache_folder(Path("runs/tune"), args.model, spec, settings, machine)
+    cache = Cache(folder)
+    files: dict[str, Path] = {"fp32": args.model}
+    gates: list[dict[str, Any]] = []
+    if args.val:
+        files, gates = reduced_files(args.model, folder, args.val, args.calib, args.max_drop)
+    default = default_candidate(usable_cores())
+    with LoadGenerator(args.workers) as generator, gpu_probe() as gpus:
+        bench = Bench(generator, files, spec, settings, default, gpus)
+        search = Search(bench, cache, began + args.budget_s, reserve_runs=2 * settings.rounds + 2)
+        found = search.run(list(files))
+        chosen = found.best.candidate
+        p99 = settings.p99_ms
+        model = served_model(args.out, files, chosen.precision)
+        bench.files[chosen.precision] = model  # the check serves the file the configuration names
+        header = [
+            f"hrnet bench tune, {time.strftime('%Y-%m-%d %H:%M')}, {machine.describe()}",
+            f"p99 target {p99:g} ms: {found.best.score(p99):.1f} img/s tuned, the defaults "
+            f"{found.default.score(p99):.1f}; candidate {chosen.key}",
+        ]
+        write_config(args.out, model, chosen, header)
+        checked = verify(bench, chosen, args.out)
+    tuned = found.best.score(p99)
+    checked["reproduced"] = checked["chosen_img_s"] / tuned if tuned else None
+    tune = {
+        "p99_ms": p99,
+        "budget_s": args.budget_s,
+        "seconds": time.monotonic() - began,
+        "cache": str(folder),
+        "cached": found.cached,
+        "skipped": found.skipped,
+        "steps": found.steps,
+        "gates": gates,
+        "default": default.key,
+        "chosen": chosen.key,
+        "chosen_settings": chosen.settings(),
+        "tuned_img_s": tuned,
+        "config": str(args.out),
+        "served_model": str(model),
+        "candidates": [m.as_dict() for m in found.measured],
+        "verify": checked,
+    }
+    workload = {**spec.describe(bench.model), "workers": args.workers} if bench.model else {}
+    return Report("tune", machine, command_line(), args.note, workload=workload, extra={"tune": tune})

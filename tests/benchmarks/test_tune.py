@@ -1,0 +1,127 @@
+"""`hrnet bench tune`: the search's rules, the file it writes as the server reads it, and one real
+tune of the digits model through `hrnet serve` on 127.0.0.1, resumed from its cache.
+
+Which candidate wins is the machine's business and is not asserted; what is asserted is what the
+tuner promises whatever the machine: the defaults measured first, every candidate in the report,
+the written file loadable by the server and served in the check, the gates' verdicts, the budget
+reported, and a second run reading every earlier measurement back instead of repeating it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.report import pareto_front
+from benchmarks.tune import Candidate, Measurement, better, default_candidate, refinements, write_config
+from serving.config import load_server_config
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _measured(img_s: float, cpu_ms: float | None, p99_ms: float = 50.0) -> Measurement:
+    level = {"concurrency": 4, "img_s": img_s, "p99_ms": p99_ms, "errors": {}, "cpu_ms_per_img": cpu_ms}
+    return Measurement(default_candidate(2), [level], 1.0, "search")
+
+
+def test_more_throughput_wins_and_ties_go_to_less_cpu() -> None:
+    base = _measured(100.0, 2.0)
+    assert better(_measured(110.0, 3.0), base, 100)  # beyond the tie band: throughput decides
+    assert not better(_measured(103.0, 3.0), base, 100)  # a tie costing more CPU keeps the incumbent
+    assert better(_measured(98.0, 1.5), base, 100)  # a tie for less CPU wins
+    assert not better(_measured(500.0, 0.1, p99_ms=150.0), base, 100)  # over the target scores 0
+    assert not better(_measured(0.0, 0.1), _measured(0.0, 1.0), 100)  # nothing met the target: no change
+
+
+def test_the_refining_pass_tries_the_neighbours_of_the_best() -> None:
+    best = Candidate("fp32", 1, 1, 2, max_batch_size=16, max_queue_delay_us=2000)
+    (_, batches), (_, delays) = refinements(best)
+    assert batches == [{"max_batch_size": 8}, {"max_batch_size": 32}]
+    assert delays == [{"max_queue_delay_us": 1000}, {"max_queue_delay_us": 4000}]
+    (_, batches), (_, delays) = refinements(
+        Candidate("fp32", 1, 1, 2, max_batch_size=1, max_queue_delay_us=0)
+    )
+    assert batches == [{"max_batch_size": 2}] and delays == [{"max_queue_delay_us": 250}]
+
+
+def test_the_pareto_front_keeps_only_points_nothing_beats() -> None:
+    points = [(10.0, 100.0), (20.0, 90.0), (20.0, 150.0), (40.0, 140.0), (80.0, 300.0)]
+    assert pareto_front(points) == [(10.0, 100.0), (20.0, 150.0), (80.0, 300.0)]
+
+
+def test_the_written_file_is_what_the_server_reads(tmp_path: Path) -> None:
+    candidate = Candidate(
+        "fp32", workers=2, instances=3, threads=1, max_batch_size=512, max_queue_delay_us=750
+    )
+    out = tmp_path / "serving.yaml"
+    write_config(out, tmp_path / "m.onnx", candidate, ["a header line"])
+    assert out.read_text().startswith("# a header line\n")
+    config = load_server_config(out, env={})
+    assert (config.model, config.workers) == (str(tmp_path / "m.onnx"), 2)
+    model = config.model_defaults
+    assert (model.instances, model.threads_per_instance) == (3, 1)
+    assert (model.batching.max_batch_size, model.batching.max_queue_delay_us) == (512, 750)
+    assert model.batching.max_queue_size >= 512  # a batch that large must fit the queue
+
+
+def test_the_default_candidate_is_what_the_server_runs_without_flags() -> None:
+    config = load_server_config(None, env={}, flags={"model": "m.onnx"})
+    for cores in (2, 16):
+        default = default_candidate(cores)
+        assert default.workers == config.front_ends(cores)
+        assert default.threads == config.model_defaults.intra_op_threads(cores)
+        assert default.max_batch_size == config.model_defaults.batching.max_batch_size
+        assert default.max_queue_delay_us == config.model_defaults.batching.max_queue_delay_us
+
+
+def _tune(*args: object) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "hrnet", "bench", "tune", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+
+
+@pytest.mark.slow  # ~90 s: fp16 and int8 files gated, a dozen servers, then a resumed run
+def test_a_tune_writes_a_served_configuration_and_resumes(digits_model, tmp_path: Path) -> None:
+    common = [
+        "--model", digits_model.onnx, "--p99-ms", 5000, "--val", digits_model.val, "--max-drop", 100,
+        "--concurrency", "1,2", "--warmup", 0.2, "--duration", 0.6, "--rounds", 1,
+        "--cache", tmp_path / "cache", "--out", tmp_path / "serving.yaml",
+    ]  # fmt: skip
+    first = _tune(*common, "--budget-s", 60, "--json", tmp_path / "first.json", "--report", tmp_path / "rep")
+    assert first.returncode == 0, first.stderr[-3000:]
+    tune = json.loads((tmp_path / "first.json").read_text())["tune"]
+
+    keys = [c["key"] for c in tune["candidates"]]
+    assert keys[0] == tune["default"] and len(keys) == len(set(keys)) >= 2
+    assert all(c["levels"] and not c["error"] for c in tune["candidates"])
+    assert [g["precision"] for g in tune["gates"]] == ["fp16", "int8"]
+    assert all(g["passed"] for g in tune["gates"])  # a limit of 100 points passes anything
+    tried = {key.split()[0] for key in keys + tune["skipped"]}
+    assert {"fp16", "int8"} <= tried  # measured, or left out by the budget
+
+    config = load_server_config(tmp_path / "serving.yaml", env={})
+    assert Path(config.model).is_file()
+    assert (
+        config.model_defaults.batching.max_batch_size
+        == tune["chosen_settings"]["model_defaults"]["batching"]["max_batch_size"]
+    )
+    verify = tune["verify"]
+    assert len(verify["default_runs"]) == len(verify["chosen_runs"]) == 1
+    assert verify["chosen_img_s"] > 0 and verify["default_img_s"] > 0
+    certify = verify["certify"]  # open loops from the highest rate down, stopping where the p99 held
+    assert 1 <= len(certify["chosen"]) == len(certify["rates_img_s"]) <= 3
+    assert certify["rates_img_s"] == sorted(certify["rates_img_s"], reverse=True)
+    assert all(level["img_s"] > 0 for level in [*certify["chosen"], certify["default"]])
+    assert certify["certified_img_s"] in (None, certify["rates_img_s"][-1])
+    report = (tmp_path / "rep" / "tune.md").read_text()
+    assert all(key in report for key in keys) and f"written: {tmp_path / 'serving.yaml'}" in report
+    assert (tmp_path / "rep" / "tune_pareto.png").read_bytes().startswith(PNG_MAGIC)
+
+    second = _tune(*common, "--budget-s", 1, "--json", tmp_path / "second.json")
+    assert second.returncode == 0, second.stderr[-3000:]
+    again = json.loads((tmp_path / "second.json").read_text())["tune"]
+    assert again["cached"] == len(again["candidates"]) >= len(keys)  # nothing measured twice
+    assert [c["key"] for c in again["candidates"]][: len(keys)] == keys
