@@ -187,6 +187,10 @@ ELSEWHERE: dict[str, Elsewhere] = {
         "needs `make demo`'s checkpoint and export (minutes of training)",
         "tests/benchmarks/test_bench.py::test_accuracy_through_the_server_equals_hrnet_eval",
     ),
+    r"bash benchmarks/reports/tune_cpu\.sh .*": Elsewhere(
+        "two 600 s tunes on both cores, after make demo",
+        "tests/benchmarks/test_tune.py::test_a_tune_writes_a_served_configuration_and_resumes",
+    ),
     r"bash benchmarks/reports/w18_small_v1_224_cpu\.sh .*": Elsewhere(
         "ten minutes of measurement, meant for a quiet machine",
         "tests/benchmarks/test_bench.py::test_peers_runs_mlserver_beside_ours",
