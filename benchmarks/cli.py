@@ -22,30 +22,11 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import gpu_serving
+from benchmarks import gpu_serving, tune
+from benchmarks.arguments import floats, ints
 from core.errors import CommandError
 
 MODES = ("ceiling", "load", "peers", "accuracy", "batching", "soak", "gpu", "overhead", "tune")
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected numbers > 0, got {text!r}")
-    return values
 
 
 def _output(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +51,7 @@ def _server(parser: argparse.ArgumentParser, model_help: str) -> None:
 
 def _load(parser: argparse.ArgumentParser, concurrency_help: str) -> None:
     group = parser.add_argument_group("load")
-    group.add_argument("--concurrency", type=_ints, help=concurrency_help)
+    group.add_argument("--concurrency", type=ints, help=concurrency_help)
     group.add_argument(
         "--warmup", type=float, default=2.0, help="seconds of load before measuring (default 2)"
     )
@@ -99,7 +80,7 @@ def _load(parser: argparse.ArgumentParser, concurrency_help: str) -> None:
 
 def _ceiling_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("ceiling (the served file in-process, same backend)")
-    group.add_argument("--batch-sizes", type=_ints, help="default 1, 2, 4, ... up to the server's max batch")
+    group.add_argument("--batch-sizes", type=ints, help="default 1, 2, 4, ... up to the server's max batch")
     group.add_argument("--ceiling-seconds", type=float, default=2.0, help="per batch size (default 2)")
     group.add_argument("--no-ceiling", action="store_true", help="skip it (ratios are then not reported)")
 
@@ -154,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", type=Path, action="append", required=True, help="ONNX or MINDIR file (repeatable)"
     )
-    p.add_argument("--batch-sizes", type=_ints, help="default 1,2,4,8,16,32")
+    p.add_argument("--batch-sizes", type=ints, help="default 1,2,4,8,16,32")
     p.add_argument("--seconds", type=float, default=2.0, help="measured per batch size (default 2)")
     _output(p)
 
@@ -163,7 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p, "serve this file with `hrnet serve` on 127.0.0.1 (with --url: the file it serves, for the ceiling)"
     )
     _load(p, "closed-loop callers per level (default 1,4,16,64 unless --rate)")
-    p.add_argument("--rate", type=_floats, help="open-loop levels: Poisson arrivals, requests/s")
+    p.add_argument("--rate", type=floats, help="open-loop levels: Poisson arrivals, requests/s")
     p.add_argument(
         "--serve-args", default="", help="more `hrnet serve` flags, e.g. '--instances 2 --threads 1'"
     )
@@ -173,7 +154,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = modes.add_parser("peers", help="ours and MLServer on the same file and load, side by side")
     _server(p, "the ONNX file both servers serve")
     _load(p, "closed-loop callers per level (default 1,4,16,64 unless --rate)")
-    p.add_argument("--rate", type=_floats, help="open-loop levels: Poisson arrivals, requests/s")
+    p.add_argument("--rate", type=floats, help="open-loop levels: Poisson arrivals, requests/s")
     p.add_argument("--serve-args", default="", help="more `hrnet serve` flags")
     p.add_argument(
         "--peers-dir",
@@ -224,7 +205,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "overhead", help="the server's own CPU per request, by process and thread, on a near-free model"
     )
     p.add_argument(
-        "--serve-workers", type=_ints, default=(1, 2), help="hrnet serve --workers values (default 1,2)"
+        "--serve-workers", type=ints, default=(1, 2), help="hrnet serve --workers values (default 1,2)"
     )
     p.add_argument(
         "--payloads",
@@ -256,62 +237,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = modes.add_parser(
         "tune", help="search the serving settings through a real server; write the best as serving.yaml"
     )
-    _tune_options(p)
+    tune.add_arguments(p)
     _output(p)
-
-
-def _tune_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, required=True, help="the ONNX or MINDIR file to serve")
-    parser.add_argument(
-        "--p99-ms", type=float, required=True, help="latency target: p99 of one-image requests, ms"
-    )
-    parser.add_argument("--out", type=Path, required=True, help="the configuration to write (YAML)")
-    parser.add_argument(
-        "--budget-s",
-        type=float,
-        default=600.0,
-        help="seconds for the whole tune, checks included (default 600)",
-    )
-    parser.add_argument(
-        "--images", type=Path, help="send encoded images from this folder (default: FP32 tensors)"
-    )
-    parser.add_argument(
-        "--val",
-        type=Path,
-        metavar="DIR",
-        help="ImageFolder val set: also try fp16 and int8 files that pass "
-        "the accuracy gate on it (an fp32 ONNX export of ours)",
-    )
-    parser.add_argument("--calib", type=Path, metavar="DIR", help="int8 calibration images (default: --val)")
-    parser.add_argument(
-        "--max-drop",
-        type=float,
-        metavar="POINTS",
-        help="the accuracy gate's top-1 limit, points (default: hrnet export's)",
-    )
-    parser.add_argument(
-        "--concurrency", type=_ints, help="closed-loop callers tried in order (default 1,2,4,...,128)"
-    )
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds before each level (default 1)")
-    parser.add_argument("--duration", type=float, default=4.0, help="seconds measured per level (default 4)")
-    parser.add_argument("--workers", type=int, default=1, help="load generator processes (default 1)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
-    parser.add_argument(
-        "--certify-shares",
-        type=_floats,
-        default=(0.8, 0.6, 0.4),
-        help="open-loop rates tried, as shares of the chosen throughput, until the p99 holds (default "
-        "0.8,0.6,0.4)",
-    )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=2,
-        help="alternated re-measurements of the defaults and the result (default 2)",
-    )
-    parser.add_argument(
-        "--cache", type=Path, help="measurements kept here, to resume (default runs/tune/<model>-<hash>)"
-    )
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -330,7 +257,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks import modes, overhead, report, soak, tune
+    from benchmarks import modes, overhead, report, soak
 
     _check(args)
     if args.mode == "soak":

@@ -29,6 +29,8 @@ For every model, in order, each section skipped (and said so) when the time budg
    (ModelStatistics), the warm-up time the server reports, and the ratio to the ceiling at the
    largest bucket.
 3. **jpeg**: the same with a 500x375 JPEG per request (BYTES, decoded by the server).
+4. **tune**, with `--tune-p99-ms MS` only: `hrnet bench tune` on this card within what is left of
+   the budget (at most `--tune-budget-s`): its report and the chosen serving.yaml in OUT/tune-NAME/.
 
 Results go to OUT/results.jsonl (one line per section as it finishes) and OUT/report.md; a
 killed run keeps what it finished. Rehearse on CPU with a small model and `--device cpu`.
@@ -59,6 +61,7 @@ from protos import grpc_service_pb2_grpc as pb_grpc
 
 JPEG_SIZE = (500, 375)  # the issue's JPEG requests
 SECTIONS = ("ceiling", "raw", "jpeg")
+MIN_TUNE_S = 120.0  # a tune given less than this measures little beyond the defaults
 
 
 @dataclass
@@ -319,7 +322,39 @@ def run(args: argparse.Namespace) -> int:
         for kind in kinds:
             r = loads.get(kind, skipped)
             results.add(f"{name}: server {kind}", r, load_text(r, max_batch_ms))
+        if args.tune_p99_ms:
+            if budget.allows(MIN_TUNE_S):
+                tuned, text = tune_section(model, name, args, budget)
+                results.add(f"{name}: tune", tuned, text)
+            else:
+                results.add(f"{name}: tune", skipped, load_text(skipped, None))
     return 0
+
+
+def tune_section(
+    model: Path, name: str, args: argparse.Namespace, budget: Budget
+) -> tuple[dict[str, Any], str]:
+    """`hrnet bench tune` on this card, parsed by its own parser so its defaults hold, within
+    what is left of the run's budget; its report and serving.yaml go to OUT/tune-NAME/."""
+    from benchmarks import report, tune
+
+    folder = args.out / f"tune-{name}"
+    parser = argparse.ArgumentParser()
+    tune.add_arguments(parser)
+    budget_s = min(args.tune_budget_s, budget.left() - 10)
+    tune_args = parser.parse_args(
+        [
+            *("--model", str(model), "--p99-ms", str(args.tune_p99_ms)),
+            *("--out", str(folder / "serving.yaml"), "--budget-s", str(budget_s)),
+            *("--workers", str(args.workers), *shlex.split(args.tune_args)),
+        ]
+    )
+    tune_args.device, tune_args.note = args.device, f"from hrnet bench gpu run, model {name}"
+    document = tune.run(tune_args).as_dict()
+    report.write(document, None, folder)
+    return document["tune"], "\n".join(
+        [*report.tune_lines(document["tune"]), f"report: {folder / 'tune.md'}"]
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -343,6 +378,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--budget-s", type=float, default=540.0, help="the whole run (default 540)")
     r.add_argument("--serve-args", default="", help="more `hrnet serve` flags, e.g. '--workers 8'")
     r.add_argument("--out", type=Path, default=Path("gpu-report"), help="default gpu-report")
+    r.add_argument(
+        "--tune-p99-ms",
+        type=float,
+        help="after each model's load sections, `hrnet bench tune` at this p99 target (off by default)",
+    )
+    r.add_argument(
+        "--tune-budget-s",
+        type=float,
+        default=600.0,
+        help="the tune's budget, within --budget-s (default 600)",
+    )
+    r.add_argument(
+        "--tune-args", default="", help="more `hrnet bench tune` flags, with '=': --tune-args='--rounds 1'"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,17 +1,19 @@
 """`hrnet bench tune`: the serving configuration found by measurement, written where `hrnet serve` reads it.
 
 Every candidate is one `hrnet serve` started on 127.0.0.1 with its settings, driven closed loop
-with one image per request at 1, 2, 4, ... callers until its p99 passes the target or its
-throughput stops rising. Its score is the highest throughput at which the p99 met the target.
+with one image per request up a ladder of callers (1, 2, 4, ...) until its p99 misses the target
+or its throughput stops rising, then once halfway between the last level that met the target and
+the first that missed. Its score is the highest throughput at which the p99 met the target.
 
 Six settings with a handful of values each make thousands of combinations at half a minute
 each, so the search is coordinate descent from the defaults: one setting at a time (precision,
 then instances and threads, batch size, queue delay, front-end processes), each measured with
 the best of the others found so far, then a refining pass on the batch size and the delay
 around their best values. A candidate that does not beat the best by `TIE` keeps the incumbent,
-and among ties the lower CPU per image wins. Before each candidate the time it would take
-(the mean of those measured so far) is weighed against the budget left after the final check;
-what does not fit is listed as skipped.
+and among ties the lower CPU per image wins. The best of many noisy readings reads high, so the
+FINALISTS best are measured once more and the choice is made on the means. Before each
+candidate the time it would take (the mean of those measured so far) is weighed against the
+budget left after the confirmation and the final check; what does not fit is listed as skipped.
 
 The final check is the claim itself: the default configuration and the written file (served by
 `hrnet serve --config FILE`) measured again, alternated, by the same procedure, and then an
@@ -28,11 +30,12 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,11 +43,12 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
+from benchmarks.arguments import floats, ints
 from benchmarks.loadgen import Level, LoadGenerator
 from benchmarks.machine import Machine, this_machine
 from benchmarks.modes import command_line
 from benchmarks.protocol import ModelInfo
-from benchmarks.report import Report, best_level
+from benchmarks.report import Report, best_level, meets
 from benchmarks.sweep import LevelResult, WorkloadSpec
 from benchmarks.targets import GpuProbe, ServerSource, Target, gpu_probe, hrnet_target, window_probes
 from core.atomic import atomic_path, atomic_write_text
@@ -53,6 +57,7 @@ from serving.config import BatchingConfig, ModelConfig, ServerConfig, usable_cor
 
 TIE = 0.05  # throughputs closer than this are equal: same-run repeats here differ by a few percent
 SATURATED_GAIN = 1.05  # a level that adds less than this has reached the server's capacity
+FINALISTS = 3  # the best candidates of the search, measured once more before one is chosen
 DEFAULT_LADDER = (1, 2, 4, 8, 16, 32, 64, 128)
 CACHE_FILE = "measurements.jsonl"
 
@@ -124,7 +129,7 @@ class TuneSettings:
     duration_s: float = 4.0
     device: str = "cpu"
     certify_shares: tuple[float, ...] = (0.8, 0.6, 0.4)
-    rounds: int = 2  # alternated re-measurements of the default and the chosen configuration
+    rounds: int = 3  # alternated re-measurements of the default and the chosen configuration
 
     def __post_init__(self) -> None:
         if self.p99_ms <= 0:
@@ -176,34 +181,51 @@ class Measurement:
         )
 
 
-def better(a: Measurement, b: Measurement, p99_ms: float) -> bool:
+@dataclass(frozen=True)
+class Figure:
+    """What a candidate is chosen on: img/s at the p99 target and server CPU ms per image, the
+    means of its readings."""
+
+    img_s: float
+    cpu_ms: float  # infinite when unknown, so it never wins a tie
+
+    @classmethod
+    def of(cls, readings: Sequence[Measurement], p99_ms: float) -> Figure:
+        return cls(
+            statistics.mean(m.score(p99_ms) for m in readings),
+            statistics.mean(m.cpu_ms(p99_ms) for m in readings),
+        )
+
+
+def better(a: Figure, b: Figure) -> bool:
     """Whether `a` beats `b`: more than TIE more throughput, or as much for less CPU per image."""
-    sa, sb = a.score(p99_ms), b.score(p99_ms)
-    if sa > sb * (1 + TIE):
+    if a.img_s > b.img_s * (1 + TIE):
         return True
-    return sa >= sb * (1 - TIE) and sa > 0 and a.cpu_ms(p99_ms) < b.cpu_ms(p99_ms)
+    return a.img_s >= b.img_s * (1 - TIE) and a.img_s > 0 and a.cpu_ms < b.cpu_ms
 
 
 class Cache:
-    """Search measurements of one model, workload, machine and measuring settings, a JSON line each."""
+    """Search and confirming measurements of one model, workload, machine and measuring settings,
+    a JSON line each; the check's are recorded too but never reused."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / CACHE_FILE
-        self.found: dict[str, Measurement] = {}
+        self.found: dict[tuple[str, str], Measurement] = {}  # (phase, candidate key) -> measurement
         if self.path.exists():
             for line in self.path.read_text().splitlines():
                 with contextlib.suppress(ValueError, KeyError, TypeError):  # a line cut by a kill
-                    m = Measurement.from_dict(json.loads(line))
-                    if m.phase == "search":
-                        self.found[m.candidate.key] = m
+                    self._keep(Measurement.from_dict(json.loads(line)))
+
+    def _keep(self, m: Measurement) -> None:
+        if m.phase in ("search", "confirm"):
+            self.found[m.phase, m.candidate.key] = m
 
     def add(self, measurement: Measurement) -> None:
         with self.path.open("a") as file:
             file.write(json.dumps(measurement.as_dict()) + "\n")
-        if measurement.phase == "search":
-            self.found[measurement.candidate.key] = measurement
+        self._keep(measurement)
 
 
 def cache_folder(
@@ -291,22 +313,27 @@ class Bench:
         probes = window_probes(target, self.gpus)
         return _level(LevelResult.of(self.generator.run(key, level, probes), None))
 
-    def closed_loop(self, candidate: Candidate, phase: str, config: Path | None = None) -> Measurement:
-        """Callers doubled until the p99 passes the target, errors appear or throughput stops rising."""
+    def closed_loop(
+        self, candidate: Candidate, phase: str, config: Path | None = None, start: int = 1
+    ) -> Measurement:
+        """The ladder climbed from `start` until the p99 misses the target, errors appear or
+        throughput stops rising; down from `start` if even it misses. Between the last level that
+        met the target and the first that missed, one more halfway (geometrically): the score is
+        the throughput at the target, and a ladder of doublings alone reads it a factor 2 coarse."""
         s = self.settings
         began = time.monotonic()
         levels: list[dict[str, Any]] = []
         try:
             with self._serve(candidate, config) as (key, target):
-                for concurrency in s.ladder:
+
+                def run(concurrency: int) -> bool:
                     level = Level(concurrency=concurrency, warmup_s=s.warmup_s, duration_s=s.duration_s)
-                    result = self._run(key, target, level)
-                    best = max((lv["img_s"] for lv in levels), default=0.0)
-                    levels.append(result)
-                    if result["p99_ms"] is None or result["p99_ms"] > s.p99_ms or result["errors"]:
-                        break
-                    if best and result["img_s"] < best * SATURATED_GAIN:
-                        break
+                    levels.append(self._run(key, target, level))
+                    return meets(levels[-1], s.p99_ms)
+
+                met, missed = climb(s.ladder, run, levels, start)
+                if met is not None and missed is not None and (mid := midway(met, missed)):
+                    run(mid)
         except CommandError as exc:  # the server refused the settings or could not start
             return Measurement(candidate, levels, time.monotonic() - began, phase, str(exc))
         return Measurement(candidate, levels, time.monotonic() - began, phase)
@@ -353,6 +380,40 @@ def axes(cores: int, device: str, precisions: Sequence[str]) -> list[tuple[str, 
     ]
 
 
+def climb(
+    ladder: Sequence[int], run: Callable[[int], bool], levels: list[dict[str, Any]], start: int
+) -> tuple[int | None, int | None]:
+    """`run` (which appends a level to `levels`, and says whether it met the target) up the
+    ladder from the highest value not above `start`, and down from there if even that missed.
+    Returns (the highest concurrency that met the target, the lowest above it that missed), None
+    where there is none: throughput saturated first, or nothing met it."""
+    first = max((c for c in ladder if c <= start), default=ladder[0])
+    met = None
+    for concurrency in [c for c in ladder if c >= first]:
+        best = max((lv["img_s"] for lv in levels), default=0.0)
+        if not run(concurrency):
+            if met is None:
+                break  # even the first missed: down the ladder
+            return met, concurrency
+        if best and levels[-1]["img_s"] < best * SATURATED_GAIN:
+            return concurrency, None
+        met = concurrency
+    else:
+        return met, None
+    missed = first
+    for concurrency in sorted((c for c in ladder if c < first), reverse=True):
+        if run(concurrency):
+            return concurrency, missed
+        missed = concurrency
+    return None, None
+
+
+def midway(low: int, high: int) -> int | None:
+    """The concurrency halfway between two, on a log scale, if there is one."""
+    mid = round(math.sqrt(low * high))
+    return mid if low < mid < high else None
+
+
 def refinements(best: Candidate) -> list[tuple[str, list[Change]]]:
     """The refining pass: the neighbours of the best batch size and delay."""
     b, d = best.max_batch_size, best.max_queue_delay_us
@@ -364,50 +425,67 @@ def refinements(best: Candidate) -> list[tuple[str, list[Change]]]:
     ]
 
 
+def start_for(m: Measurement, p99_ms: float) -> int:
+    """Where a ladder starts for a candidate like `m`: half the callers of its best level, since
+    the levels far below it cannot score higher and cost as much time as any other."""
+    best = m.best(p99_ms)
+    return max(1, best["concurrency"] // 2) if best and best["concurrency"] else 1
+
+
 @dataclass
 class SearchResult:
-    best: Measurement
+    best: Measurement  # its search reading
     default: Measurement
     measured: list[Measurement] = field(default_factory=list)  # in search order, cached ones too
+    confirmed: list[Measurement] = field(default_factory=list)  # the finalists' second readings
     cached: int = 0
     skipped: list[str] = field(default_factory=list)  # candidate keys the budget left out
     steps: list[dict[str, str]] = field(default_factory=list)  # per setting: what won
 
+    def readings(self, candidate: Candidate) -> list[Measurement]:
+        return [m for m in (*self.measured, *self.confirmed) if m.candidate == candidate]
+
 
 class Search:
-    """Coordinate descent over `axes`, then `refinements`, within the budget."""
+    """Coordinate descent over `axes`, then `refinements`, then the finalists confirmed, within
+    the budget."""
 
     def __init__(self, bench: Bench, cache: Cache, deadline: float, reserve_runs: int) -> None:
         self.bench = bench
+        self.p99_ms = bench.settings.p99_ms
         self.cache = cache
         self.deadline = deadline  # time.monotonic() by which the final check too must be done
         self.reserve_runs = reserve_runs  # measurements the final check needs
         self.seconds: list[float] = []  # of the measurements made here
         self.from_cache = 0
 
-    def _fits(self) -> bool:
-        """Whether one more measurement and the final check fit, at the mean cost so far (this
+    def _fits(self, reserve: int) -> bool:
+        """Whether one more measurement and `reserve` more fit, at the mean cost so far (this
         run's, else the cached ones')."""
         past = self.seconds or [m.seconds for m in self.cache.found.values()] or [0.0]
-        return time.monotonic() + (1 + self.reserve_runs) * statistics.mean(past) <= self.deadline
+        return time.monotonic() + (1 + reserve) * statistics.mean(past) <= self.deadline
 
-    def measure(self, candidate: Candidate, always: bool = False) -> Measurement | None:
-        """From the cache, else measured if the budget allows (or `always`), else None."""
-        m = self.cache.found.get(candidate.key)
+    def measure(
+        self, candidate: Candidate, start: int, phase: str = "search", always: bool = False
+    ) -> Measurement | None:
+        """From the cache, else measured if the budget allows (or `always`), else None. The search
+        keeps room for the finalists' confirmation as well as for the final check."""
+        m = self.cache.found.get((phase, candidate.key))
         if m is not None:
-            self.from_cache += 1
+            self.from_cache += phase == "search"
         else:
-            if not (always or self._fits()):
+            reserve = self.reserve_runs + (FINALISTS if phase == "search" else 0)
+            if not (always or self._fits(reserve)):
                 return None
-            m = self.bench.closed_loop(candidate, "search")
+            m = self.bench.closed_loop(candidate, phase, start=start)
             self.seconds.append(m.seconds)
             self.cache.add(m)
-        say(m, self.bench.settings.p99_ms)
+        say(m, self.p99_ms)
         return m
 
     def run(self, precisions: Sequence[str]) -> SearchResult:
         default = self.bench.default
-        first = self.measure(default, always=True)  # the baseline, whatever the budget
+        first = self.measure(default, start=1, always=True)  # the baseline, whatever the budget
         assert first is not None
         result = SearchResult(best=first, default=first, measured=[first])
         coarse = axes(usable_cores(), self.bench.settings.device, precisions)
@@ -416,8 +494,12 @@ class Search:
                 self._axis(result, name, changes, bar)
             for name, changes in refinements(result.best.candidate):
                 self._axis(result, name, changes, bar)
+        self._confirm(result)
         result.cached = self.from_cache
         return result
+
+    def figure(self, result: SearchResult, candidate: Candidate) -> Figure:
+        return Figure.of(result.readings(candidate), self.p99_ms)
 
     def _axis(self, result: SearchResult, name: str, changes: list[Change], bar: tqdm) -> None:
         """Each value of one setting on the best so far; the best of them stays."""
@@ -427,15 +509,35 @@ class Search:
             candidate = dataclasses.replace(incumbent.candidate, **change)  # type: ignore[arg-type]
             if any(m.candidate == candidate for m in result.measured):
                 continue
-            m = self.measure(candidate)
+            m = self.measure(candidate, start_for(result.best, self.p99_ms))
             if m is None:
                 result.skipped.append(candidate.key)
                 continue
             result.measured.append(m)
-            if better(m, result.best, self.bench.settings.p99_ms):
+            if better(Figure.of([m], self.p99_ms), Figure.of([result.best], self.p99_ms)):
                 result.best = m
         verdict = "kept" if result.best is incumbent else "chose"
         result.steps.append({"setting": name, "verdict": verdict, "best": result.best.candidate.key})
+
+    def _confirm(self, result: SearchResult) -> None:
+        """The winner's curse: the highest of many noisy readings is likely one that read high. The
+        FINALISTS best are measured once more and the choice made on the means of their readings,
+        so the figure the written file is held to is not its luckiest."""
+        ranked = sorted(result.measured, key=lambda m: Figure.of([m], self.p99_ms).img_s, reverse=True)
+        finalists = [m for m in ranked[:FINALISTS] if m.score(self.p99_ms) > 0]
+        for m in finalists:
+            again = self.measure(m.candidate, start_for(m, self.p99_ms), phase="confirm")
+            if again is not None:
+                result.confirmed.append(again)
+        champion = result.best
+        for m in finalists:
+            if better(self.figure(result, m.candidate), self.figure(result, champion.candidate)):
+                champion = m
+        verdict = "kept" if champion is result.best else "chose"
+        result.steps.append(
+            {"setting": "finalists, measured again", "verdict": verdict, "best": champion.candidate.key}
+        )
+        result.best = champion
 
 
 def say(m: Measurement, p99_ms: float) -> None:
@@ -509,14 +611,16 @@ def served_model(out: Path, files: dict[str, Path], precision: str) -> Path:
     return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
 
 
-def verify(bench: Bench, chosen: Candidate, config: Path) -> dict[str, Any]:
-    """The defaults and the written file, alternated; then the certifying open loop on both."""
+def verify(bench: Bench, found: SearchResult, config: Path) -> dict[str, Any]:
+    """The defaults and the written file, alternated, each climbing the ladder as in the search;
+    then the certifying open loop on both."""
     p99 = bench.settings.p99_ms
+    chosen = found.best.candidate
     default_runs, chosen_runs = [], []
     for _ in range(bench.settings.rounds):
-        default_runs.append(bench.closed_loop(bench.default, "verify"))
+        default_runs.append(bench.closed_loop(bench.default, "verify", start=start_for(found.default, p99)))
         say(default_runs[-1], p99)
-        chosen_runs.append(bench.closed_loop(chosen, "verify", config))
+        chosen_runs.append(bench.closed_loop(chosen, "verify", config, start_for(found.best, p99)))
         say(chosen_runs[-1], p99)
     default_img_s = statistics.median(m.score(p99) for m in default_runs)
     chosen_img_s = statistics.median(m.score(p99) for m in chosen_runs)
@@ -540,6 +644,61 @@ def verify(bench: Bench, chosen: Candidate, config: Path) -> dict[str, Any]:
         "speedup": chosen_img_s / default_img_s if default_img_s else None,
         "certify": certify,
     }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `hrnet bench tune`, for its own parser and for `hrnet bench gpu run --tune-p99-ms`."""
+    parser.add_argument("--model", type=Path, required=True, help="the ONNX or MINDIR file to serve")
+    parser.add_argument(
+        "--p99-ms", type=float, required=True, help="latency target: p99 of one-image requests, ms"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="the configuration to write (YAML)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=600.0,
+        help="seconds for the whole tune, checks included (default 600)",
+    )
+    parser.add_argument(
+        "--images", type=Path, help="send encoded images from this folder (default: FP32 tensors)"
+    )
+    parser.add_argument(
+        "--val",
+        type=Path,
+        metavar="DIR",
+        help="ImageFolder val set: also try fp16 and int8 files that pass "
+        "the accuracy gate on it (an fp32 ONNX export of ours)",
+    )
+    parser.add_argument("--calib", type=Path, metavar="DIR", help="int8 calibration images (default: --val)")
+    parser.add_argument(
+        "--max-drop",
+        type=float,
+        metavar="POINTS",
+        help="the accuracy gate's top-1 limit, points (default: hrnet export's)",
+    )
+    parser.add_argument(
+        "--concurrency", type=ints, help="closed-loop callers tried in order (default 1,2,4,...,128)"
+    )
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds before each level (default 1)")
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds measured per level (default 4)")
+    parser.add_argument("--workers", type=int, default=1, help="load generator processes (default 1)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    parser.add_argument(
+        "--certify-shares",
+        type=floats,
+        default=(0.8, 0.6, 0.4),
+        help="open-loop rates tried, as shares of the chosen throughput, until the p99 holds (default "
+        "0.8,0.6,0.4)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=TuneSettings.rounds,
+        help=f"alternated re-measurements of the defaults and the result (default {TuneSettings.rounds})",
+    )
+    parser.add_argument(
+        "--cache", type=Path, help="measurements kept here, to resume (default runs/tune/<model>-<hash>)"
+    )
 
 
 def run(args: argparse.Namespace) -> Report:
@@ -574,15 +733,18 @@ def run(args: argparse.Namespace) -> Report:
         p99 = settings.p99_ms
         model = served_model(args.out, files, chosen.precision)
         bench.files[chosen.precision] = model  # the check serves the file the configuration names
+        tuned = Figure.of(found.readings(chosen), p99).img_s
+        defaults = Figure.of(found.readings(default), p99).img_s
         header = [
             f"hrnet bench tune, {time.strftime('%Y-%m-%d %H:%M')}, {machine.describe()}",
-            f"p99 target {p99:g} ms: {found.best.score(p99):.1f} img/s tuned, the defaults "
-            f"{found.default.score(p99):.1f}; candidate {chosen.key}",
+            f"p99 target {p99:g} ms: {tuned:.1f} img/s tuned, the defaults {defaults:.1f}; "
+            f"candidate {chosen.key}",
         ]
         write_config(args.out, model, chosen, header)
-        checked = verify(bench, chosen, args.out)
-    tuned = found.best.score(p99)
+        checked = verify(bench, found, args.out)
     checked["reproduced"] = checked["chosen_img_s"] / tuned if tuned else None
+    # the same ratio for the defaults: a machine that slowed or sped up since the search moves both
+    checked["defaults_reproduced"] = checked["default_img_s"] / defaults if defaults else None
     tune = {
         "p99_ms": p99,
         "budget_s": args.budget_s,
@@ -599,6 +761,7 @@ def run(args: argparse.Namespace) -> Report:
         "config": str(args.out),
         "served_model": str(model),
         "candidates": [m.as_dict() for m in found.measured],
+        "confirmed": [m.as_dict() for m in found.confirmed],
         "verify": checked,
     }
     workload = {**spec.describe(bench.model), "workers": args.workers} if bench.model else {}

@@ -5,10 +5,12 @@ overrunning."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from hrnet.cli import main
+from serving.config import load_server_config
 
 pytestmark = pytest.mark.slow  # starts hrnet serve and measures load levels: ~20 s
 
@@ -46,3 +48,24 @@ def test_a_spent_budget_skips_sections_and_says_so(model_repo, tmp_path) -> None
     report = (out / "report.md").read_text()
     for section in SECTIONS[1:]:
         assert f"## {section}\n\nskipped: time budget spent\n" in report
+
+
+def test_the_tune_section_writes_a_configuration_for_the_card(model_repo, tmp_path) -> None:
+    """`--tune-p99-ms` runs `hrnet bench tune` after the model's sections, on the same device: with
+    a budget this small only the defaults are measured, and still checked, written and reported."""
+    out = tmp_path / "out"
+    args = ["bench", "gpu", "run", "--model", f"small={model_repo.onnx}", "--device", "cpu", "--sections", ""]
+    args += ["--workers", "1", "--tune-p99-ms", "5000", "--tune-budget-s", "15", "--out", str(out)]
+    quick = f"--concurrency 1,2 --warmup 0.2 --duration 0.5 --rounds 1 --cache {tmp_path / 'cache'}"
+    assert main([*args, f"--tune-args={quick}"]) == 0  # with "=": the value starts with --
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["section"] for r in records] == ["environment", "small: tune"]
+    tune = records[1]
+    assert tune["chosen"] and tune["verify"]["chosen_img_s"] > 0 and tune["budget_s"] <= 15
+    config = load_server_config(out / "tune-small" / "serving.yaml", env={})
+    assert (
+        Path(config.model) == model_repo.onnx.resolve()
+        or Path(config.model).resolve() == model_repo.onnx.resolve()
+    )
+    assert "written:" in (out / "tune-small" / "tune.md").read_text()
+    assert "## small: tune" in (out / "report.md").read_text()

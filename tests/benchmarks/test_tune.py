@@ -9,15 +9,33 @@ reported, and a second run reading every earlier measurement back instead of rep
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from benchmarks.report import pareto_front
-from benchmarks.tune import Candidate, Measurement, better, default_candidate, refinements, write_config
+from benchmarks.tune import (
+    DEFAULT_LADDER,
+    Bench,
+    Cache,
+    Candidate,
+    Figure,
+    Measurement,
+    Search,
+    SearchResult,
+    TuneSettings,
+    better,
+    climb,
+    default_candidate,
+    midway,
+    refinements,
+    write_config,
+)
 from serving.config import load_server_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -28,13 +46,75 @@ def _measured(img_s: float, cpu_ms: float | None, p99_ms: float = 50.0) -> Measu
     return Measurement(default_candidate(2), [level], 1.0, "search")
 
 
+def _figure(img_s: float, cpu_ms: float | None, p99_ms: float = 50.0) -> Figure:
+    return Figure.of([_measured(img_s, cpu_ms, p99_ms)], 100)
+
+
 def test_more_throughput_wins_and_ties_go_to_less_cpu() -> None:
-    base = _measured(100.0, 2.0)
-    assert better(_measured(110.0, 3.0), base, 100)  # beyond the tie band: throughput decides
-    assert not better(_measured(103.0, 3.0), base, 100)  # a tie costing more CPU keeps the incumbent
-    assert better(_measured(98.0, 1.5), base, 100)  # a tie for less CPU wins
-    assert not better(_measured(500.0, 0.1, p99_ms=150.0), base, 100)  # over the target scores 0
-    assert not better(_measured(0.0, 0.1), _measured(0.0, 1.0), 100)  # nothing met the target: no change
+    base = _figure(100.0, 2.0)
+    assert better(_figure(110.0, 3.0), base)  # beyond the tie band: throughput decides
+    assert not better(_figure(103.0, 3.0), base)  # a tie costing more CPU keeps the incumbent
+    assert better(_figure(98.0, 1.5), base)  # a tie for less CPU wins
+    assert not better(_figure(500.0, 0.1, p99_ms=150.0), base)  # over the target scores 0
+    assert not better(_figure(0.0, 0.1), _figure(0.0, 1.0))  # nothing met the target: no change
+    assert Figure.of([_measured(100.0, 2.0), _measured(80.0, None)], 100) == Figure(90.0, float("inf"))
+
+
+class Server:
+    """A server whose p99 is proportional to the callers and whose throughput rises until
+    `saturates` callers: what `climb` sees of a real one, at no cost."""
+
+    def __init__(self, ms_per_caller: float, saturates: int = 1000) -> None:
+        self.ms_per_caller, self.saturates = ms_per_caller, saturates
+        self.levels: list[dict[str, Any]] = []
+
+    def run(self, concurrency: int) -> bool:
+        img_s = 100.0 * min(concurrency, self.saturates)
+        p99 = self.ms_per_caller * concurrency
+        self.levels.append({"concurrency": concurrency, "img_s": img_s, "p99_ms": p99, "errors": {}})
+        return p99 <= 25
+
+    def climb(self, start: int = 1) -> tuple[int | None, int | None]:
+        return climb(DEFAULT_LADDER, self.run, self.levels, start)
+
+    def tried(self) -> list[int]:
+        return [lv["concurrency"] for lv in self.levels]
+
+
+def test_the_ladder_is_climbed_until_the_target_is_missed_or_throughput_stops() -> None:
+    server = Server(ms_per_caller=2.0)  # 12 callers meet 25 ms, 16 do not
+    assert server.climb() == (8, 16) and server.tried() == [1, 2, 4, 8, 16]
+    assert midway(8, 16) == 11 and midway(1, 2) is None and midway(2, 4) == 3
+    server = Server(ms_per_caller=2.0)
+    assert server.climb(start=5) == (8, 16) and server.tried() == [4, 8, 16]  # from the rung below 5
+    server = Server(ms_per_caller=10.0)  # 2 callers meet the target, 4 do not
+    assert server.climb(start=8) == (2, 4) and server.tried() == [8, 4, 2]  # down when the start misses
+    server = Server(ms_per_caller=0.1, saturates=4)
+    assert server.climb() == (8, None) and server.tried() == [1, 2, 4, 8]  # 8 adds nothing: no midway
+    server = Server(ms_per_caller=100.0)
+    assert server.climb(start=2) == (None, None) and server.tried() == [2, 1]
+
+
+def test_the_finalists_are_chosen_on_the_means_of_their_readings(tmp_path: Path) -> None:
+    """The search's luckiest reading does not decide: three finalists, each read again (from the
+    cache here, so nothing is served), and the one with the best mean wins."""
+    p99 = 100.0
+    settings = TuneSettings(p99_ms=p99)
+    default = default_candidate(2)
+    lucky, steady, third = (dataclasses.replace(default, max_batch_size=b) for b in (4, 8, 32))
+    cache = Cache(tmp_path)
+    for candidate, first, again in ((lucky, 200.0, 120.0), (steady, 170.0, 175.0), (third, 150.0, 140.0)):
+        for phase, img_s in (("search", first), ("confirm", again)):
+            level = {"concurrency": 4, "img_s": img_s, "p99_ms": 50.0, "errors": {}, "cpu_ms_per_img": 1.0}
+            cache.add(Measurement(candidate, [level], 1.0, phase))
+    bench = Bench(None, {}, None, settings, default, None)  # type: ignore[arg-type]  # never serves
+    search = Search(bench, cache, deadline=0.0, reserve_runs=0)
+    found = SearchResult(best=cache.found["search", lucky.key], default=cache.found["search", lucky.key])
+    found.measured = [cache.found["search", c.key] for c in (lucky, steady, third)]
+    search._confirm(found)
+    assert [m.candidate for m in found.confirmed] == [lucky, steady, third]  # ranked by first reading
+    assert found.best.candidate == steady  # 172.5 on average against the lucky one's 160
+    assert found.steps[-1]["verdict"] == "chose"
 
 
 def test_the_refining_pass_tries_the_neighbours_of_the_best() -> None:
