@@ -523,7 +523,7 @@ class Search:
         """The winner's curse: the highest of many noisy readings is likely one that read high. The
         FINALISTS best are measured once more and the choice made on the means of their readings,
         so the figure the written file is held to is not its luckiest."""
-        ranked = sorted(result.measured, key=lambda m: Figure.of([m], self.p99_ms).img_s, reverse=True)
+        ranked = sorted(result.measured, key=lambda m: m.score(self.p99_ms), reverse=True)
         finalists = [m for m in ranked[:FINALISTS] if m.score(self.p99_ms) > 0]
         for m in finalists:
             again = self.measure(m.candidate, start_for(m, self.p99_ms), phase="confirm")
@@ -679,16 +679,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--concurrency", type=ints, help="closed-loop callers tried in order (default 1,2,4,...,128)"
     )
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds before each level (default 1)")
-    parser.add_argument("--duration", type=float, default=4.0, help="seconds measured per level (default 4)")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=TuneSettings.warmup_s,
+        help=f"seconds before each level (default {TuneSettings.warmup_s:g})",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=TuneSettings.duration_s,
+        help=f"seconds measured per level (default {TuneSettings.duration_s:g})",
+    )
     parser.add_argument("--workers", type=int, default=1, help="load generator processes (default 1)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
     parser.add_argument(
         "--certify-shares",
         type=floats,
-        default=(0.8, 0.6, 0.4),
+        default=TuneSettings.certify_shares,
         help="open-loop rates tried, as shares of the chosen throughput, until the p99 holds (default "
-        "0.8,0.6,0.4)",
+        f"{','.join(f'{share:g}' for share in TuneSettings.certify_shares)})",
     )
     parser.add_argument(
         "--rounds",
