@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import io
+import itertools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -255,8 +256,37 @@ def best_level(levels: Sequence[dict[str, Any]], p99_ms: float) -> dict[str, Any
     return max((lv for lv in levels if meets(lv, p99_ms)), key=lambda lv: lv["img_s"], default=None)
 
 
+def at_target(levels: Sequence[dict[str, Any]], p99_ms: float) -> float:
+    """Closed-loop img/s at the p99 target: the best level that met it, or more where the next
+    level up (in callers) missed it on latency alone and did more img/s: the line between the
+    two read at the target. The p99 of a few seconds is the few slowest requests, so a level near
+    the target meets or misses it by chance, and scoring the levels alone jumps by the whole step
+    between them (8 callers or 11) on that chance. The line moves little when a p99 moves a little.
+    """
+    best = best_level(levels, p99_ms)
+    score = best["img_s"] if best else 0.0
+    ladder = sorted((lv for lv in levels if lv["concurrency"]), key=lambda lv: lv["concurrency"])
+    for low, high in itertools.pairwise(ladder):
+        if not meets(low, p99_ms) or meets(high, p99_ms) or high["errors"] or high["p99_ms"] is None:
+            continue
+        if high["img_s"] > low["img_s"] and high["p99_ms"] > low["p99_ms"]:
+            share = (p99_ms - low["p99_ms"]) / (high["p99_ms"] - low["p99_ms"])
+            score = max(score, low["img_s"] + share * (high["img_s"] - low["img_s"]))
+    return score
+
+
 def tune_table(tune: dict[str, Any]) -> Table:
-    header = ["candidate", "img/s at p99 target", "callers", "p99 ms", "CPU ms/img", "batch", "levels", "s"]
+    header = [
+        "candidate",
+        "img/s at p99 target",
+        "best level: img/s",
+        "callers",
+        "p99 ms",
+        "CPU ms/img",
+        "batch",
+        "levels",
+        "s",
+    ]
     gpus = any(lv.get("gpu") for m in tune["candidates"] for lv in m["levels"])
     header += ["GPU util, memory, power"] if gpus else []
     rows = []
@@ -265,9 +295,10 @@ def tune_table(tune: dict[str, Any]) -> Table:
         mark = (
             " (chosen)" if m["key"] == tune["chosen"] else " (default)" if m["key"] == tune["default"] else ""
         )
-        cells = ["-"] * 5
+        cells = ["-"] * 6
         if best:
             cells = [
+                _f(at_target(m["levels"], tune["p99_ms"])),
                 _f(best["img_s"]),
                 str(best["concurrency"]),
                 _f(best["p99_ms"]),
@@ -287,18 +318,19 @@ def tune_lines(tune: dict[str, Any]) -> list[str]:
     lines += [f"gate, {g['precision']}: {g['summary']}" for g in tune["gates"]]
     for again in tune.get("confirmed", []):
         first = next(m for m in tune["candidates"] if m["key"] == again["key"])
+        role = "the defaults" if again["key"] == tune["default"] else "finalist"
         lines.append(
-            f"finalist {again['key']}: {_best_img_s(first, tune['p99_ms'])} img/s in the search, "
-            f"{_best_img_s(again, tune['p99_ms'])} measured again"
+            f"{role} {again['key']}: {_img_s_at_target(first, tune['p99_ms'])} img/s in the search, "
+            f"{_img_s_at_target(again, tune['p99_ms'])} measured again"
         )
-    runs = ", ".join(f"{_best_img_s(m, tune['p99_ms'])}" for m in v["chosen_runs"])
-    default_runs = ", ".join(f"{_best_img_s(m, tune['p99_ms'])}" for m in v["default_runs"])
+    runs = ", ".join(f"{_img_s_at_target(m, tune['p99_ms'])}" for m in v["chosen_runs"])
+    default_runs = ", ".join(f"{_img_s_at_target(m, tune['p99_ms'])}" for m in v["default_runs"])
     lines += [
         f"written: {tune['config']} (serves {tune['served_model']}), candidate {tune['chosen']}",
         f"checked, alternated: the defaults {default_runs} img/s, the written file {runs} img/s: "
         f"{_ratio(v['speedup'])}x the defaults at p99 <= {tune['p99_ms']:g} ms (medians)",
         f"the written file reproduces {_ratio(v['reproduced'])} of its tuned {_f(tune['tuned_img_s'])} img/s "
-        f"(the mean of its readings before the check); the defaults, measured alike, "
+        f"(its second reading, after the search); the defaults, measured alike, "
         f"{_ratio(v.get('defaults_reproduced'))} of theirs",
     ]
     c = v["certify"]
@@ -320,9 +352,8 @@ def tune_lines(tune: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _best_img_s(measurement: dict[str, Any], p99_ms: float) -> str:
-    best = best_level(measurement["levels"], p99_ms)
-    return _f(best["img_s"]) if best else "0"
+def _img_s_at_target(measurement: dict[str, Any], p99_ms: float) -> str:
+    return _f(at_target(measurement["levels"], p99_ms))
 
 
 def accuracy_lines(accuracy: dict[str, Any]) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks.report import pareto_front
+from benchmarks.report import at_target, pareto_front
 from benchmarks.tune import (
     DEFAULT_LADDER,
     Bench,
@@ -81,6 +81,21 @@ class Server:
         return [lv["concurrency"] for lv in self.levels]
 
 
+def test_the_throughput_at_the_target_is_read_between_the_levels_around_it() -> None:
+    """A p99 a little over or under the target moves the score a little, not by a whole level."""
+
+    def level(callers: int, img_s: float, p99_ms: float, errors: dict | None = None) -> dict[str, Any]:
+        return {"concurrency": callers, "img_s": img_s, "p99_ms": p99_ms, "errors": errors or {}}
+
+    ladder = [level(4, 500.0, 10.0), level(8, 800.0, 20.0), level(16, 1000.0, 40.0)]
+    assert at_target(ladder, 25.0) == 850.0  # a quarter of the way from 20 to 40 ms
+    assert at_target(ladder, 20.0) == 800.0 and at_target(ladder, 40.0) == 1000.0
+    assert at_target(ladder, 26.0) - at_target(ladder, 24.0) == 20.0  # no jump at the target
+    assert at_target([*ladder[:2], level(16, 700.0, 40.0)], 25.0) == 800.0  # saturated: no gain read in
+    assert at_target([*ladder[:2], level(16, 1000.0, 40.0, {"UNAVAILABLE": 3})], 25.0) == 800.0
+    assert at_target(ladder, 5.0) == 0.0  # nothing met it
+
+
 def test_the_ladder_is_climbed_until_the_target_is_missed_or_throughput_stops() -> None:
     server = Server(ms_per_caller=2.0)  # 12 callers meet 25 ms, 16 do not
     assert server.climb() == (8, 16) and server.tried() == [1, 2, 4, 8, 16]
@@ -115,6 +130,8 @@ def test_the_finalists_are_chosen_on_the_means_of_their_readings(tmp_path: Path)
     assert [m.candidate for m in found.confirmed] == [lucky, steady, third]  # ranked by first reading
     assert found.best.candidate == steady  # 172.5 on average against the lucky one's 160
     assert found.steps[-1]["verdict"] == "chose"
+    assert Figure.of(found.claim(steady), p99).img_s == 175.0  # claimed on the second reading only
+    assert found.claim(default) == []  # the defaults' second reading did not fit the (zero) budget
 
 
 def test_the_refining_pass_tries_the_neighbours_of_the_best() -> None:
