@@ -286,6 +286,7 @@ def tune_table(tune: dict[str, Any]) -> Table:
         "batch",
         "levels",
         "s",
+        "steal, most",
     ]
     gpus = any(lv.get("gpu") for m in tune["candidates"] for lv in m["levels"])
     header += ["GPU util, memory, power"] if gpus else []
@@ -307,9 +308,37 @@ def tune_table(tune: dict[str, Any]) -> Table:
             ]
         elif m["error"]:
             cells[0] = "did not start"
-        row = [m["key"] + mark, *cells, str(len(m["levels"])), _f(m["seconds"], 0)]
+        row = [m["key"] + mark, *cells, str(len(m["levels"])), _f(m["seconds"], 0), _most_steal(m["levels"])]
         rows.append(row + ([gpu_summary(best.get("gpu", ()) if best else ())] if gpus else []))
     return header, rows
+
+
+def _most_steal(levels: Sequence[dict[str, Any]]) -> str:
+    steals = [lv["steal"] for lv in levels if lv.get("steal") is not None]
+    return f"{max(steals):.0%}" if steals else "-"
+
+
+def _steal_line(tune: dict[str, Any]) -> str | None:
+    """How much of the CPU the hypervisor took while the tune measured: what a figure that would
+    not reproduce is read against."""
+    v = tune["verify"]
+    search = [lv for m in (*tune["candidates"], *tune.get("confirmed", [])) for lv in m["levels"]]
+    check = [lv for m in (*v["default_runs"], *v["chosen_runs"]) for lv in m["levels"]]
+    check += [*v["certify"].get("chosen", []), *([v["certify"]["default"]] if v["certify"] else [])]
+    steals = [lv["steal"] for lv in (*search, *check) if lv.get("steal") is not None]
+    if not steals:
+        return None
+
+    def mean(levels: list[dict[str, Any]]) -> str:
+        known = [lv["steal"] for lv in levels if lv.get("steal") is not None]
+        return f"{sum(known) / len(known):.1%}" if known else "-"
+
+    again = sum(lv.get("remeasured", 0) for lv in (*search, *check))
+    return (
+        f"CPU taken by the hypervisor (steal): {mean(search)} in the search, {mean(check)} in the check "
+        f"(means over levels), at most {max(steals):.0%} in one level; {again} readings taken again for "
+        f"steal over {tune.get('steal_limit', 0):.0%}"
+    )
 
 
 def tune_lines(tune: dict[str, Any]) -> list[str]:
@@ -345,6 +374,8 @@ def tune_lines(tune: dict[str, Any]) -> list[str]:
             f"open loop, Poisson arrivals: the written file {tried}: {held}; the defaults at "
             f"{_f(c['rates_img_s'][-1])} img/s p99 {_f(d['p99_ms'])} ms ({_errors(d['errors'])} errors)"
         )
+    steal = _steal_line(tune)
+    lines += [steal] if steal else []
     lines.append(
         f"{len(tune['candidates'])} candidates ({tune['cached']} from the cache {tune['cache']}), "
         f"{len(tune['skipped'])} skipped for the budget; {tune['seconds']:.0f} s of {tune['budget_s']:g}"

@@ -116,6 +116,7 @@ class LevelResult:
     ratio_to_ceiling: float | None
     cdf_ms: tuple[tuple[float, float], ...] = ()
     gpu: tuple[dict[str, float], ...] = ()  # per device over the window, where NVML finds a GPU here
+    steal: float | None = None  # share of the machine's CPU time the hypervisor took (/proc/stat)
 
     @property
     def level(self) -> Level:
@@ -150,6 +151,7 @@ class LevelResult:
             ratio_to_ceiling=img_s / ceiling_img_s if ceiling_img_s else None,
             cdf_ms=lat.cdf_ms if lat else (),
             gpu=tuple(server.get("gpu", ())),
+            steal=server.get("steal"),
         )
 
 

@@ -179,6 +179,43 @@ def _batch_sizes(stats: kpb.ModelStatistics) -> Counter[int]:
     return sizes
 
 
+class StealProbe:
+    """The share of this machine's CPU time that the hypervisor gave to other guests over the
+    window: the steal column of /proc/stat. A virtual machine's neighbours can take most of its
+    cores for minutes (this development VM's did: a digits tune read 900 img/s, then 50, with
+    nothing changed but the steal), and a level measured then measures them, not the server."""
+
+    PATH = Path("/proc/stat")
+
+    def __init__(self) -> None:
+        self._start: tuple[int, int] | None = None
+
+    @classmethod
+    def available(cls) -> bool:
+        return cls._read() is not None
+
+    @classmethod
+    def _read(cls) -> tuple[int, int] | None:
+        """(steal, all) jiffies of every CPU since boot; None where the kernel does not say."""
+        try:
+            fields = cls.PATH.read_text(encoding="ascii").split("\n", 1)[0].split()
+        except OSError:
+            return None
+        if len(fields) < 9 or fields[0] != "cpu":
+            return None
+        jiffies = [int(f) for f in fields[1:9]]  # user nice system idle iowait irq softirq steal
+        return jiffies[7], sum(jiffies)
+
+    def start(self) -> None:
+        self._start = self._read()
+
+    def stop(self) -> dict[str, Any]:
+        end = self._read()
+        if self._start is None or end is None or end[1] <= self._start[1]:
+            return {}
+        return {"steal": (end[0] - self._start[0]) / (end[1] - self._start[1])}
+
+
 class CpuProbe:
     """CPU cores a server process (and its worker processes) used over the window.
 
@@ -264,8 +301,11 @@ def gpu_probe() -> Iterator[GpuProbe | None]:
 
 def window_probes(target: Target, gpus: GpuProbe | None) -> list[Probe]:
     """What is read around each measured window of `target`: its statistics, the CPU of a server
-    started here (where psutil is installed) and this machine's GPUs (where NVML finds one)."""
+    started here (where psutil is installed), the CPU time the hypervisor took (where the kernel
+    says) and this machine's GPUs (where NVML finds one)."""
     probes: list[Probe] = [StatisticsProbe(target.address, target.model.name)]
+    if StealProbe.available():
+        probes.append(StealProbe())
     if target.pid:
         with contextlib.suppress(ImportError):  # without psutil: no server CPU figure
             probes.append(CpuProbe(target.pid))
