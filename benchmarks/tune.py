@@ -63,6 +63,7 @@ SATURATED_GAIN = 1.05  # a level that adds less than this has reached the server
 FINALISTS = 3  # the best candidates of the search, measured once more before one is chosen
 STEAL_LIMIT = 0.10  # of the CPU taken by the hypervisor during a level (1-2% when the VM is quiet)
 STEAL_RETRIES = 2
+SERVER_START_S = 5.0  # to start and stop one `hrnet serve` of a small model here, with margin
 DEFAULT_LADDER = (1, 2, 4, 8, 16, 32, 64, 128)
 CACHE_FILE = "measurements.jsonl"
 
@@ -641,13 +642,26 @@ def served_model(out: Path, files: dict[str, Path], precision: str) -> Path:
     return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
 
 
-def verify(bench: Bench, found: SearchResult, config: Path) -> dict[str, Any]:
+def verify(bench: Bench, found: SearchResult, config: Path, deadline: float) -> dict[str, Any]:
     """The defaults and the written file, alternated, each climbing the ladder as in the search;
-    then the certifying open loop on both."""
-    p99 = bench.settings.p99_ms
+    then the certifying open loop on both. A round after the first runs only if it and the open
+    loops still fit before `deadline`, at what the last round took: the search reserved time for
+    every round, but a machine that sped up climbs more levels in each."""
+    s = bench.settings
+    p99 = s.p99_ms
     chosen = found.best.candidate
+    open_loops_s = (len(s.certify_shares) + 1) * (
+        max(s.warmup_s, 1.0) + 2 * s.duration_s
+    ) + 2 * SERVER_START_S
     default_runs, chosen_runs = [], []
-    for _ in range(bench.settings.rounds):
+    for index in range(s.rounds):
+        if (
+            index
+            and time.monotonic() + default_runs[-1].seconds + chosen_runs[-1].seconds + open_loops_s
+            > deadline
+        ):
+            tqdm.write(f"check: {index} of {s.rounds} rounds fit the budget", sys.stderr)
+            break
         default_runs.append(bench.closed_loop(bench.default, "verify", start=start_for(found.default, p99)))
         say(default_runs[-1], p99)
         chosen_runs.append(bench.closed_loop(chosen, "verify", config, start_for(found.best, p99)))
@@ -781,7 +795,7 @@ def run(args: argparse.Namespace) -> Report:
             f"candidate {chosen.key}",
         ]
         write_config(args.out, model, chosen, header)
-        checked = verify(bench, found, args.out)
+        checked = verify(bench, found, args.out, began + args.budget_s)
     checked["reproduced"] = checked["chosen_img_s"] / tuned if tuned else None
     # the same ratio for the defaults: a machine that slowed or sped up since the search moves both
     checked["defaults_reproduced"] = checked["default_img_s"] / defaults if defaults else None
