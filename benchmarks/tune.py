@@ -466,8 +466,8 @@ class SearchResult:
     def claim(self, candidate: Candidate) -> list[Measurement]:
         """The readings a figure is claimed on: the second ones where the budget allowed them. The
         search reading of the winner was chosen for being high, so it would promise too much; and
-        a machine that slows under sustained load (this one does, by 15-30% over a tune) reads the
-        check closer to the second reading than to the first."""
+        on a machine whose speed drifts over a tune (this one's moves by 15-30%) the check reads
+        closer to the second reading than to the first."""
         again = [m for m in self.confirmed if m.candidate == candidate]
         return again or self.readings(candidate)
 
