@@ -528,8 +528,15 @@ class Search:
         return Figure.of(result.readings(candidate), self.p99_ms)
 
     def _axis(self, result: SearchResult, name: str, changes: list[Change], bar: tqdm) -> None:
-        """Each value of one setting on the best so far; the best of them stays."""
+        """Each value of one setting on the best so far; the best of them stays. The delay is not
+        searched at a batch size of 1: such a batch is full with its first request and never waits,
+        so its candidates would differ by noise alone (and one would win by it)."""
         incumbent = result.best
+        if incumbent.candidate.max_batch_size == 1 and all("max_queue_delay_us" in c for c in changes):
+            bar.update(len(changes))
+            verdict = "not searched (a batch of 1 never waits):"
+            result.steps.append({"setting": name, "verdict": verdict, "best": incumbent.candidate.key})
+            return
         for change in changes:
             bar.update()
             candidate = dataclasses.replace(incumbent.candidate, **change)  # type: ignore[arg-type]

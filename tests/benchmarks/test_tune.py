@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tqdm import tqdm
 
 from benchmarks.loadgen import Level, Measured
 from benchmarks.protocol import ModelInfo
@@ -186,6 +187,23 @@ def test_the_finalists_are_chosen_on_the_means_of_their_readings(tmp_path: Path)
     assert found.steps[-1]["verdict"] == "chose"
     assert Figure.of(found.claim(steady), p99).img_s == 175.0  # claimed on the second reading only
     assert found.claim(default) == []  # the defaults' second reading did not fit the (zero) budget
+
+
+def test_the_delay_is_not_searched_where_a_batch_of_one_never_waits(tmp_path: Path) -> None:
+    settings = TuneSettings(p99_ms=100.0)
+    default = default_candidate(2)
+    bench = Bench(None, {}, None, settings, default, None)  # type: ignore[arg-type]  # never serves
+    search = Search(bench, Cache(tmp_path), deadline=0.0, reserve_runs=0)  # no budget: all skipped
+    delays: list[dict[str, Any]] = [{"max_queue_delay_us": d} for d in (0, 500)]
+    for batch, tried in ((1, []), (4, [500, 0])):
+        incumbent = Measurement(
+            dataclasses.replace(default, max_batch_size=batch, max_queue_delay_us=2000), [], 1.0, "search"
+        )
+        found = SearchResult(best=incumbent, default=incumbent)
+        with tqdm(disable=True) as bar:
+            search._axis(found, "max queue delay", delays, bar)
+        assert sorted(int(key.split()[-1][1:]) for key in found.skipped) == sorted(tried)
+        assert found.steps[-1]["verdict"].startswith("not searched") == (batch == 1)
 
 
 def test_the_refining_pass_tries_the_neighbours_of_the_best() -> None:
