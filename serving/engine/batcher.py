@@ -47,6 +47,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from serving.config import BatchingConfig
+from serving.engine.backends.instance import Report
 from serving.errors import (
     DeadlineExceeded,
     ExecutionTimeout,
@@ -74,8 +75,9 @@ def check_request_size(n: int, max_queue_size: int) -> None:
 class Runner(Protocol):
     """One model instance (`serving.engine.backends.instance.ModelInstance`), already loaded."""
 
-    def run(self, parts: Sequence[np.ndarray], rows: int) -> Future[np.ndarray]:
-        """Compute the rows of `parts` (N in all) padded to `rows`; resolves to (N, ...) outputs."""
+    def run(self, parts: Sequence[np.ndarray], rows: int, report: Report) -> None:
+        """Compute the rows of `parts` (N in all) padded to `rows`, then call `report` with the
+        (N, ...) outputs or the error, on the instance's thread."""
         ...
 
     def replacement(self) -> Runner:
@@ -481,22 +483,20 @@ class Batcher:
         size = sum(t.size for t in tasks)
         job = _Job(runner, tasks, size, self._rows(size), start)
         self._running.add(job)
-        try:
-            future = runner.run([t.items for t in tasks], job.rows)
-        except Exception as exc:  # a runner that cannot even take the batch
-            future = Future()
-            future.set_exception(exc)
         if self._timeout_s:
             job.timer = self._loop.call_later(self._timeout_s, self._timed_out, job)
         loop = self._loop
 
-        def computed(done: Future) -> None:  # on the instance's thread
+        def computed(outputs: np.ndarray | None, error: BaseException | None) -> None:  # instance thread
             with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting any more
-                loop.call_soon_threadsafe(self._completed, job, done)
+                loop.call_soon_threadsafe(self._completed, job, outputs, error)
 
-        future.add_done_callback(computed)
+        try:
+            runner.run([t.items for t in tasks], job.rows, computed)
+        except Exception as exc:  # a runner that cannot even take the batch
+            self._completed(job, None, exc)
 
-    def _completed(self, job: _Job, future: Future) -> None:
+    def _completed(self, job: _Job, outputs: np.ndarray | None, error: BaseException | None) -> None:
         if job.over:  # timed out, or failed at shutdown, before the instance answered
             return
         job.over = True
@@ -505,19 +505,17 @@ class Batcher:
             job.timer.cancel()
         compute_ended = self._clock()
         tasks, size = job.tasks, job.size
-        ok = False
-        try:
-            outputs = future.result()
-            if outputs.shape[0] != size:
-                raise InferenceFailed(f"the model returned {outputs.shape[0]} outputs for a batch of {size}")
-            ok = True
-        except Exception as exc:
-            log.error("batch of %d failed", size, exc_info=exc)
-            self._fail(
-                tasks,
-                exc if isinstance(exc, InferenceFailed) else InferenceFailed(f"inference failed: {exc}"),
-            )
-        if ok:
+        if error is None and (outputs is None or outputs.shape[0] != size):
+            got = "no" if outputs is None else outputs.shape[0]
+            error = InferenceFailed(f"the model returned {got} outputs for a batch of {size}")
+        ok = error is None
+        if not ok:
+            log.error("batch of %d failed", size, exc_info=error)
+            if not isinstance(error, InferenceFailed):
+                error = InferenceFailed(f"inference failed: {error}")
+            self._fail(tasks, error)
+        else:
+            assert outputs is not None
             offset = 0
             for task in tasks:
                 task.finish(outputs[offset : offset + task.size], None)

@@ -1,8 +1,10 @@
 """A model instance: one backend and the one thread that makes every call on it (see base.py).
 
 The thread opens the backend (`setup`: load and warm-up), then runs the jobs given to it one
-at a time, then closes the backend. Callers get `concurrent.futures.Future`s, which the batcher
-awaits from its event loop. An instance whose call hangs cannot be interrupted (no runtime can
+at a time, then closes the backend. A batch (`run`) reports its end to a callback on this thread,
+which the batcher turns into one call on its event loop: no Future, whose lock and condition cost
+more than the hop itself on a near-free model. Other calls (`submit`) get a
+`concurrent.futures.Future`. An instance whose call hangs cannot be interrupted (no runtime can
 be stopped mid-call from Python): the batcher stops waiting for it, closes it, which takes
 effect when the call returns, and starts a `replacement` on a new thread.
 """
@@ -45,7 +47,9 @@ class BatchRunner(Protocol):
     def close(self) -> None: ...
 
 
-Job = tuple[Callable[[Any], Any], Future]
+# The end of a batch: its outputs, or the error it raised (then outputs is None).
+Report = Callable[[np.ndarray | None, BaseException | None], None]
+Job = tuple[Callable[[Any], Any], Report]
 
 
 class ModelInstance:
@@ -67,13 +71,25 @@ class ModelInstance:
     def submit(self, fn: Callable[[BatchRunner], Any]) -> Future:
         """Call `fn(backend)` on this instance's thread, after the jobs before it."""
         future: Future = Future()
-        self._jobs.put((fn, future))
-        if self.ready.done() and self.ready.exception() is not None:  # no thread left to run it
-            self._fail_pending(self.ready.exception())
+
+        def report(result: Any, error: BaseException | None) -> None:
+            if future.set_running_or_notify_cancel():
+                if error is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(error)
+
+        self._put((fn, report))
         return future
 
-    def run(self, parts: Sequence[np.ndarray], rows: int) -> Future:
-        return self.submit(lambda backend: backend.run(parts, rows))
+    def run(self, parts: Sequence[np.ndarray], rows: int, report: Report) -> None:
+        """Compute one batch on this instance's thread; `report(outputs, error)` is called there."""
+        self._put((lambda backend: backend.run(parts, rows), report))
+
+    def _put(self, job: Job) -> None:
+        self._jobs.put(job)
+        if self.ready.done() and self.ready.exception() is not None:  # no thread left to run it
+            self._fail_pending(self.ready.exception() or RuntimeError("the instance failed to load"))
 
     def replacement(self) -> ModelInstance:
         """A fresh instance of the same model: a new thread that loads and warms up its own backend."""
@@ -103,13 +119,13 @@ class ModelInstance:
             self.ready.set_result(backend)
         try:
             while (job := self._jobs.get()) is not None:
-                fn, future = job
-                if not future.set_running_or_notify_cancel():
-                    continue
+                fn, report = job
                 try:
-                    future.set_result(fn(backend))
+                    result = fn(backend)
                 except BaseException as exc:  # reported to the caller, who decides
-                    future.set_exception(exc)
+                    report(None, exc)
+                else:
+                    report(result, None)
         finally:
             try:
                 backend.close()
@@ -117,11 +133,11 @@ class ModelInstance:
                 log.exception("closing %s failed", self.thread_name)
             self.closed.set_result(None)
 
-    def _fail_pending(self, error: BaseException | None) -> None:
+    def _fail_pending(self, error: BaseException) -> None:
         while True:
             try:
                 job = self._jobs.get_nowait()
             except queue.Empty:
                 return
-            if job is not None and job[1].set_running_or_notify_cancel():
-                job[1].set_exception(error)
+            if job is not None:
+                job[1](None, error)
