@@ -2,8 +2,8 @@
 
 The thread opens the backend (`setup`: load and warm-up), then runs the jobs given to it one
 at a time, then closes the backend. A batch (`run`) reports its end to a callback on this thread,
-which the batcher turns into one call on its event loop: no Future, whose lock and condition cost
-more than the hop itself on a near-free model. Other calls (`submit`) get a
+which the batcher turns into one call on its event loop: the hot path makes no Future (a lock, a
+condition and a callback list per batch). Other calls (`submit`) get a
 `concurrent.futures.Future`. An instance whose call hangs cannot be interrupted (no runtime can
 be stopped mid-call from Python): the batcher stops waiting for it, closes it, which takes
 effect when the call returns, and starts a `replacement` on a new thread.
