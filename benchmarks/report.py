@@ -313,8 +313,13 @@ def tune_table(tune: dict[str, Any]) -> Table:
     return header, rows
 
 
+def _steals(levels: Sequence[dict[str, Any]]) -> list[float]:
+    """The steal shares the levels read (none where the kernel did not say)."""
+    return [lv["steal"] for lv in levels if lv.get("steal") is not None]
+
+
 def _most_steal(levels: Sequence[dict[str, Any]]) -> str:
-    steals = [lv["steal"] for lv in levels if lv.get("steal") is not None]
+    steals = _steals(levels)
     return f"{max(steals):.0%}" if steals else "-"
 
 
@@ -325,12 +330,12 @@ def _steal_line(tune: dict[str, Any]) -> str | None:
     search = [lv for m in (*tune["candidates"], *tune.get("confirmed", [])) for lv in m["levels"]]
     check = [lv for m in (*v["default_runs"], *v["chosen_runs"]) for lv in m["levels"]]
     check += [*v["certify"].get("chosen", []), *([v["certify"]["default"]] if v["certify"] else [])]
-    steals = [lv["steal"] for lv in (*search, *check) if lv.get("steal") is not None]
+    steals = _steals([*search, *check])
     if not steals:
         return None
 
     def mean(levels: list[dict[str, Any]]) -> str:
-        known = [lv["steal"] for lv in levels if lv.get("steal") is not None]
+        known = _steals(levels)
         return f"{sum(known) / len(known):.1%}" if known else "-"
 
     again = sum(lv.get("remeasured", 0) for lv in (*search, *check))

@@ -88,8 +88,9 @@ class ModelInstance:
 
     def _put(self, job: Job) -> None:
         self._jobs.put(job)
-        if self.ready.done() and self.ready.exception() is not None:  # no thread left to run it
-            self._fail_pending(self.ready.exception() or RuntimeError("the instance failed to load"))
+        failed = self.ready.exception() if self.ready.done() else None
+        if failed is not None:  # no thread left to run it
+            self._fail_pending(failed)
 
     def replacement(self) -> ModelInstance:
         """A fresh instance of the same model: a new thread that loads and warms up its own backend."""
