@@ -185,7 +185,7 @@ class _Job:
     size: int  # images
     rows: int  # padded to
     start: float
-    timer: asyncio.TimerHandle | None = None  # execution_timeout_s
+    due: float = 0.0  # when execution_timeout_s runs out, on the loop's clock (timers run on it)
     over: bool = False  # answered (done, timed out or failed at shutdown): later news is ignored
 
 
@@ -225,6 +225,7 @@ class Batcher:
         self._mean_gap: float | None = None  # smoothed seconds between requests
         self._free: collections.deque[tuple[Runner, float]] = collections.deque()  # with when it freed
         self._timer: asyncio.TimerHandle | None = None  # the wait for company, while one runs
+        self._watchdog: asyncio.TimerHandle | None = None  # the next execution_timeout_s due
         self._kick_scheduled = False
         self._wait_base: int | None = None  # images queued when the current wait began
         self._skip_waits = 0  # batches still to go without waiting, after a fruitless wait
@@ -477,14 +478,16 @@ class Batcher:
 
     def _dispatch(self, runner: Runner, tasks: list[_Task]) -> None:
         """Hand `tasks` to `runner`; `_completed` runs on the loop when it is done, `_timed_out` if
-        it takes longer than execution_timeout_s."""
+        it takes longer than execution_timeout_s (see `_watch`)."""
         assert self._loop is not None
         start = self._clock()
         size = sum(t.size for t in tasks)
         job = _Job(runner, tasks, size, self._rows(size), start)
         self._running.add(job)
         if self._timeout_s:
-            job.timer = self._loop.call_later(self._timeout_s, self._timed_out, job)
+            job.due = self._loop.time() + self._timeout_s
+            if self._watchdog is None:
+                self._watchdog = self._loop.call_at(job.due, self._watch)
         loop = self._loop
 
         def computed(outputs: np.ndarray | None, error: BaseException | None) -> None:  # instance thread
@@ -501,8 +504,6 @@ class Batcher:
             return
         job.over = True
         self._running.discard(job)
-        if job.timer is not None:
-            job.timer.cancel()
         compute_ended = self._clock()
         tasks, size = job.tasks, job.size
         if error is None and (outputs is None or outputs.shape[0] != size):
@@ -530,6 +531,21 @@ class Batcher:
                     )
         self._batch_done(job, compute_ended - job.start, ok)
         self._release(job.runner)
+
+    def _watch(self) -> None:
+        """Time out every batch past execution_timeout_s, then wait for the next one due.
+
+        One timer for all running batches, armed at the earliest deadline, not one per batch: a
+        batch of a fast model ends long before, and a timer made and cancelled per batch cost
+        the owner's loop more than the model computed.
+        """
+        assert self._loop is not None
+        self._watchdog = None
+        now = self._loop.time()
+        for job in [j for j in self._running if j.due <= now]:
+            self._timed_out(job)
+        if self._running:
+            self._watchdog = self._loop.call_at(min(j.due for j in self._running), self._watch)
 
     def _timed_out(self, job: _Job) -> None:
         if job.over:
@@ -603,16 +619,15 @@ class Batcher:
                 await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
             except TimeoutError:
                 drained = False
-            if self._timer is not None:
-                self._timer.cancel()
+            for timer in (self._timer, self._watchdog):
+                if timer is not None:
+                    timer.cancel()
             gone = Unavailable("the server shut down before this request ran")
             for _, _, task in self._heap:
                 self._drop(task, "shutdown", gone)
             self._heap.clear()
             for job in list(self._running):  # their instances answer into the void
                 job.over = True
-                if job.timer is not None:
-                    job.timer.cancel()
                 self._fail(job.tasks, Unavailable("the server shut down while this request ran"))
             self._running.clear()
         for task in list(self._replacing):

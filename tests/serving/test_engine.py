@@ -227,6 +227,27 @@ def test_padded_batches_give_the_logits_of_unpadded_ones(model_repo) -> None:
         backend.close()
 
 
+def test_a_one_request_batch_is_read_where_it_lies(model_repo) -> None:
+    """No copy into the batch buffer for one unpadded request of the input dtype; anything else
+    (padding, another dtype, a strided view) still goes through the buffer, with the same logits."""
+    backend = open_backend(model_repo.onnx, ModelConfig(batching=BatchingConfig(max_batch_size=8)))
+    try:
+        part = _images(3)
+        before = part.copy()
+        expected = backend.infer(part)
+        out = backend.run([part], 3)
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+        assert out.dtype == np.float32 and not np.shares_memory(out, part)
+        assert backend._batch is None  # the buffer was never needed
+        np.testing.assert_array_equal(part, before)
+        strided = np.repeat(part, 2, axis=3)[..., ::2]  # the same values, not contiguous
+        for variant, rows in [(part, 4), (part.astype(np.float64), 3), (strided, 3)]:
+            np.testing.assert_allclose(backend.run([variant], rows), expected, rtol=1e-5, atol=1e-5)
+            assert backend._batch is not None
+    finally:
+        backend.close()
+
+
 def test_padded_server_answers_like_direct_onnxruntime(one_model, start_server) -> None:
     server = start_server(one_model, padding="on", max_batch_size=8, max_queue_delay_us=20000)
     stub = _stub(server.address)

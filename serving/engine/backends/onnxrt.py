@@ -251,6 +251,10 @@ class OnnxRuntimeBackend(Backend):
         log.warning("no CUDA runtime library found to page-lock the input buffer: it stays pageable")
 
     @property
+    def pins_input(self) -> bool:
+        return self._on_gpu
+
+    @property
     def pinned(self) -> bool:
         """Whether the input buffer is page-locked (only ever on a GPU)."""
         return bool(self._pinned)
