@@ -432,6 +432,44 @@ async def test_batches_are_padded_to_the_next_bucket_and_padding_is_dropped() ->
     await b.close()
 
 
+async def test_each_hung_batch_fails_its_own_execution_timeout_after_its_start() -> None:
+    """One watchdog timer serves every running batch: a batch that hangs later than another is
+    not failed when the earlier one's time runs out, but its own time after its start, and a
+    batch that ends in time is answered."""
+    release = threading.Event()
+
+    class HangsOnNegative(Doubler):
+        def run(self, parts, rows: int) -> np.ndarray:
+            if parts[0][0, 0] < 0:
+                release.wait(30)
+            return super().run(parts, rows)
+
+    b = await _started(
+        [HangsOnNegative() for _ in range(3)],
+        Recorder(),
+        timeout_s=0.4,
+        max_batch_size=1,
+        max_queue_delay_us=0,
+    )
+    loop = asyncio.get_running_loop()
+    started = {}
+
+    async def hangs(value: float) -> float:
+        started[value] = loop.time()
+        with pytest.raises(ExecutionTimeout):
+            await asyncio.wait_for(b.submit(items(value)), 10)
+        return loop.time() - started[value]
+
+    first = asyncio.create_task(hangs(-1))
+    await asyncio.sleep(0.2)
+    second = asyncio.create_task(hangs(-2))
+    assert (await b.submit(items(3))).ravel().tolist() == [6]
+    assert await first >= 0.4
+    assert await second >= 0.4  # not cut short when the first batch's timer fired
+    release.set()
+    await b.close()
+
+
 async def test_a_hung_instance_fails_its_batch_and_is_replaced_while_the_other_serves() -> None:
     release = threading.Event()
     made: list[Doubler] = []
