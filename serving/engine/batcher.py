@@ -536,8 +536,8 @@ class Batcher:
         """Time out every batch past execution_timeout_s, then wait for the next one due.
 
         One timer for all running batches, armed at the earliest deadline, not one per batch: a
-        batch of a fast model ends long before, and a timer made and cancelled per batch cost
-        the owner's loop more than the model computed.
+        batch of a fast model ends long before its timeout, so a timer made and cancelled per
+        batch was a handle and a heap entry of the owner's busiest thread spent on nothing.
         """
         assert self._loop is not None
         self._watchdog = None
@@ -622,6 +622,7 @@ class Batcher:
             for timer in (self._timer, self._watchdog):
                 if timer is not None:
                     timer.cancel()
+            self._timer = self._watchdog = None
             gone = Unavailable("the server shut down before this request ran")
             for _, _, task in self._heap:
                 self._drop(task, "shutdown", gone)

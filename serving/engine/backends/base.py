@@ -75,8 +75,8 @@ class Backend(ABC):
 
         A batch of one request that needs no padding and no conversion is read where it lies,
         when the backend can (`_reads_in_place`): under light load most batches are one request,
-        and copying a 224x224 FP32 image into the buffer cost the owner more than the near-free
-        model itself (48 of 130 us on its instance thread; measured in docs/serving.md).
+        and copying a 224x224 FP32 image into the buffer took 48 of the 130 us the owner's
+        instance thread spent on each, onnxruntime's run of the near-free model 43 (docs/serving.md).
         """
         real = sum(len(p) for p in parts)
         if not parts or real > rows:
