@@ -219,7 +219,7 @@ class OnnxRuntimeBackend(Backend):
 
     def allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         buffer = np.empty(shape, dtype)
-        if self._on_gpu:
+        if self.pins_input:
             self._pin(buffer)
         return buffer
 
