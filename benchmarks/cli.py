@@ -213,6 +213,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=("fp32", "uint8", "jpeg"),
         help="one image per request as fp32, uint8 and/or jpeg (default all three)",
     )
+    p.add_argument(
+        "--event-loops",
+        type=lambda text: tuple(v for v in text.split(",") if v),
+        default=("auto",),
+        help="hrnet serve --event-loop values, alternated like --serve-workers (default auto)",
+    )
     p.add_argument("--concurrency", type=int, default=16, help="closed-loop callers (default 16)")
     p.add_argument("--workers", type=int, default=2, help="load generator processes (default 2)")
     p.add_argument(

@@ -53,6 +53,8 @@ from benchmarks.protocol import api as make_api
 from benchmarks.report import Report
 from benchmarks.targets import StatisticsProbe
 from core.errors import CommandError
+from serving import event_loop
+from serving.config import EVENT_LOOPS
 from serving.engine.backends.instance import OS_NAME_INSTANCE, OS_NAME_POOL
 from serving.process import ServerProcess
 
@@ -159,6 +161,7 @@ class CpuSplitProbe:
 class Row:
     payload: str
     serve_workers: int
+    event_loop: str  # what the server ran on: uvloop or asyncio
     req_s: float
     errors: dict[str, int]
     p99_ms: float | None
@@ -177,6 +180,7 @@ class Row:
         return {
             "payload": self.payload,
             "serve_workers": self.serve_workers,
+            "event_loop": self.event_loop,
             "req_s": self.req_s,
             "errors": self.errors,
             "p99_ms": self.p99_ms,
@@ -191,12 +195,13 @@ class Row:
         }
 
 
-def _row(payload: str, serve_workers: int, measured: Measured) -> Row:
+def _row(payload: str, serve_workers: int, loop: str, measured: Measured) -> Row:
     n = max(1, measured.ok)
     figures = measured.server
     return Row(
         payload=payload,
         serve_workers=serve_workers,
+        event_loop=loop,
         req_s=measured.req_s,
         errors=measured.errors,
         p99_ms=measured.latency.p99_ms if measured.latency else None,
@@ -216,21 +221,23 @@ def measure(
     level: Level,
     size: int,
     flags: list[str],
+    loop: str = "auto",
 ) -> Row:
     args = ["--model", str(model), "--workers", str(serve_workers), "--metrics-port", "-1", *flags]
+    args += ["--event-loop", loop]
     with ServerProcess([*args, "--log-format", "text"]) as server:
         assert server.proc is not None
         key = f"{payload}-{serve_workers}-{server.port}"
         generator.add_target(key, server.address, workload(payload, server.address, size))
         probes = [CpuSplitProbe(server.proc.pid), StatisticsProbe(server.address, "")]
-        return _row(payload, serve_workers, generator.run(key, level, probes))
+        return _row(payload, serve_workers, event_loop.resolve(loop), generator.run(key, level, probes))
 
 
 def summarize(rows: list[Row]) -> list[dict[str, Any]]:
-    """Per (payload, serve_workers): the median of the repeats, by req/s."""
-    groups: dict[tuple[str, int], list[Row]] = defaultdict(list)
+    """Per (payload, serve_workers, event_loop): the median of the repeats, by req/s."""
+    groups: dict[tuple[str, int, str], list[Row]] = defaultdict(list)
     for row in rows:
-        groups[row.payload, row.serve_workers].append(row)
+        groups[row.payload, row.serve_workers, row.event_loop].append(row)
     out = []
     for group in groups.values():
         group.sort(key=lambda r: r.req_s)
@@ -240,9 +247,11 @@ def summarize(rows: list[Row]) -> list[dict[str, Any]]:
     return out
 
 
-def owner_alone(size: int, in_flight: int, requests: int) -> dict[str, Any]:
-    """The owner's CPU per request fed by a stand-in front end at full speed (see the docstring)."""
-    return asyncio.run(_owner_alone(size, in_flight, requests))
+def owner_alone(size: int, in_flight: int, requests: int, loop: str = "auto") -> dict[str, Any]:
+    """The owner's CPU per request fed by a stand-in front end at full speed (see the docstring),
+    on the event loop `loop` (serving.config.EVENT_LOOPS) as `hrnet serve` would run it."""
+    result = event_loop.run(_owner_alone(size, in_flight, requests), loop)
+    return {"event_loop": event_loop.resolve(loop), **result}
 
 
 async def _owner_alone(size: int, in_flight: int, requests: int) -> dict[str, Any]:
@@ -340,6 +349,9 @@ def run(args: argparse.Namespace) -> Report:
     for payload in args.payloads:
         if payload not in PAYLOADS:
             raise CommandError(f"--payloads takes {', '.join(PAYLOADS)}; got {payload!r}")
+    for loop in args.event_loops:
+        if loop not in EVENT_LOOPS:
+            raise CommandError(f"--event-loops takes {', '.join(EVENT_LOOPS)}; got {loop!r}")
     level = Level(concurrency=args.concurrency, warmup_s=args.warmup, duration_s=args.duration)
     rows: list[Row] = []
     flags = shlex.split(args.serve_args)
@@ -351,14 +363,19 @@ def run(args: argparse.Namespace) -> Report:
         for repeat in range(args.repeats):
             for payload in args.payloads:
                 for serve_workers in args.serve_workers:
-                    row = measure(model, payload, serve_workers, generator, level, args.size, flags)
-                    rows.append(row)
-                    print(
-                        f"[{repeat + 1}/{args.repeats}] {payload} --workers {serve_workers}: "
-                        f"{row.req_s:.0f} req/s, owner {row.owner_total_ms:.3f} ms/req",
-                        file=sys.stderr,
-                    )
-    alone = [owner_alone(args.size, k, args.owner_requests) for k in args.owner_alone]
+                    for loop in args.event_loops:
+                        row = measure(model, payload, serve_workers, generator, level, args.size, flags, loop)
+                        rows.append(row)
+                        print(
+                            f"[{repeat + 1}/{args.repeats}] {payload} --workers {serve_workers} "
+                            f"{row.event_loop}: {row.req_s:.0f} req/s, owner {row.owner_total_ms:.3f} ms/req",
+                            file=sys.stderr,
+                        )
+    alone = [
+        owner_alone(args.size, k, args.owner_requests, loop)
+        for k in args.owner_alone
+        for loop in args.event_loops
+    ]
     document = {
         "owner_alone": alone,
         "concurrency": args.concurrency,

@@ -223,8 +223,8 @@ def batching_table(batching: dict[str, Any]) -> Table:
 
 
 def overhead_table(summary: Sequence[dict[str, Any]]) -> Table:
-    header = ["payload", "--workers", "req/s", "batch", "owner", "loop", "instances", "pool", "other"]
-    header += ["owner cap req/s", "front ends", "load gen", "p99 ms", "errors"]
+    header = ["payload", "--workers", "event loop", "req/s", "batch", "owner", "loop", "instances", "pool"]
+    header += ["other", "owner cap req/s", "front ends", "load gen", "p99 ms", "errors"]
     rows = []
     for r in summary:
         split = r["owner_ms"]
@@ -232,6 +232,7 @@ def overhead_table(summary: Sequence[dict[str, Any]]) -> Table:
             [
                 r["payload"],
                 str(r["serve_workers"]),
+                r["event_loop"],
                 _f(r["req_s"], 0),
                 _f(r["mean_batch"]),
                 _f(r["owner_total_ms"], 3),
@@ -483,6 +484,7 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, Table | list[str]]]:
             rows = [
                 [
                     str(r["in_flight"]),
+                    r["event_loop"],
                     _f(r["req_s"], 0),
                     _f(r["mean_batch"]),
                     _f(r["owner_total_ms"], 3),
@@ -491,7 +493,8 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, Table | list[str]]]:
                 ]
                 for r in o["owner_alone"]
             ]
-            header = ["in flight", "req/s", "batch", "owner", "loop", "instances", "pool", "owner cap req/s"]
+            header = ["in flight", "event loop", "req/s", "batch", "owner", "loop", "instances", "pool"]
+            header.append("owner cap req/s")
             sections.append(
                 ("The owner alone, fed by a stand-in front end (CPU ms per request)", (header, rows))
             )
@@ -631,18 +634,38 @@ def write_plots(report: dict[str, Any], folder: Path, stem: str) -> list[Path]:
         save(fig, "latency_cdf")
     if "overhead" in report:
         summary = report["overhead"]["summary"]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for payload in dict.fromkeys(r["payload"] for r in summary):
-            points = sorted(
-                (r["serve_workers"], r["owner_cap_req_s"] or 0) for r in summary if r["payload"] == payload
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        payloads = list(dict.fromkeys(r["payload"] for r in summary))
+        loops = list(dict.fromkeys(r["event_loop"] for r in summary))
+        for payload, loop in dict.fromkeys((r["payload"], r["event_loop"]) for r in summary):
+            mine = [r for r in summary if r["payload"] == payload and r["event_loop"] == loop]
+            # colour: the payload; line: the loop (solid, dashed); o: owner cap, x: served
+            style = {
+                "color": f"C{payloads.index(payload)}",
+                "linestyle": ("-", "--", ":")[loops.index(loop) % 3],
+            }
+            points = sorted((r["serve_workers"], r["owner_cap_req_s"] or 0) for r in mine)
+            name = f"{payload}, {loop}"
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                marker="o",
+                label=f"{name}: owner cap",
+                **style,
             )
-            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"{payload}: owner cap")
-            served = sorted((r["serve_workers"], r["req_s"]) for r in summary if r["payload"] == payload)
-            ax.plot([p[0] for p in served], [p[1] for p in served], "x:", label=f"{payload}: served")
+            served = sorted((r["serve_workers"], r["req_s"]) for r in mine)
+            ax.plot(
+                [p[0] for p in served],
+                [p[1] for p in served],
+                marker="x",
+                label=f"{name}: served",
+                alpha=0.6,
+                **style,
+            )
         ax.set(xlabel="hrnet serve --workers", ylabel="requests/s", title="Owner cap (1000 / owner CPU ms)")
         ax.set_xticks(sorted({r["serve_workers"] for r in summary}))
         ax.set_yscale("log")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         ax.grid(alpha=0.3)
         save(fig, "owner_cap")
     if "tune" in report:

@@ -22,6 +22,7 @@ from typing import NoReturn
 
 from core.errors import CommandError
 from core.settings import add_flags, flag_values
+from serving import event_loop
 from serving.api.rpc import exit_now
 from serving.config import ConfigError, ServerConfig, load_server_config
 from serving.engine.backends import backend_names
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     configure(config.log_format, config.log_level)
     try:
-        asyncio.run(serve(config))
+        event_loop.run(serve(config), config.event_loop)
     except StartError as exc:
         raise CommandError(str(exc)) from None
     raise AssertionError("serve() ends the process itself")

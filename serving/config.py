@@ -27,6 +27,7 @@ MAX_IMAGE_PIXELS = 50_000_000
 # Per request: four such photos, or sixteen 12-megapixel phone photos; about a second of decoding.
 MAX_REQUEST_PIXELS = 200_000_000
 CONTROL_MODES = ("none", "poll", "explicit")
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 # `padding` values (YAML reads on/off/yes/no as booleans, so their spellings as text count too).
 PADDING_CHOICES: dict[str, bool | None] = {
     "auto": None,
@@ -310,6 +311,12 @@ class ServerConfig:
         "shared memory per front-end process for requests on their way to the models and back, "
         "MiB (touched only as used); a request needing more is refused",
     )
+    event_loop: str = setting(
+        "auto",
+        "the event loop of every server process: uvloop (C, libuv; less CPU per request in the "
+        "model owner and the front ends), asyncio (the standard library's), or auto: uvloop when "
+        "installed",
+    )
     preprocess_workers: int = setting(
         0, "image decoding threads per process; 0: the cores, shared among the front-end processes"
     )
@@ -377,6 +384,8 @@ class ServerConfig:
             raise ConfigError("load_models (--load-model) needs model_control explicit")
         if self.repository_poll_s <= 0:
             raise ConfigError(f"repository_poll_s must be > 0, got {self.repository_poll_s}")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ConfigError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"log_format must be json or text, got {self.log_format!r}")
         if self.gpu_metrics_interval_s < 0:

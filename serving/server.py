@@ -37,6 +37,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+from serving import event_loop
 from serving.api import auth
 from serving.api.classifier import ClassifierServicer
 from serving.api.http import HttpListener
@@ -166,6 +167,7 @@ class Server:
                 "models": self.plane.names(),
                 "workers": cfg.front_ends(),
                 "model_control": cfg.model_control,
+                "event_loop": event_loop.resolve(cfg.event_loop),
             },
         )
 
@@ -322,7 +324,9 @@ class Server:
         """Start on a loop in a daemon thread and return once serving (raising what start raised)."""
         if self._background is not None:
             raise RuntimeError("this server is already running in the background")
-        self._background = BackgroundLoop(f"hrnet-server-{id(self):x}")
+        self._background = BackgroundLoop(
+            f"hrnet-server-{id(self):x}", event_loop.loop_factory(self.config.event_loop)
+        )
         try:
             self._background.run(self.start(), timeout_s)
         except BaseException:

@@ -36,11 +36,12 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from protos import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2
+from serving import event_loop
 from serving.api import auth
 from serving.api.classifier import ClassifierServicer
 from serving.api.kserve import KServeInference
 from serving.api.rpc import FLUSH_S, CallGuard, exit_now
-from serving.config import ServerConfig
+from serving.config import EVENT_LOOPS, ServerConfig
 from serving.engine.batcher import check_request_size
 from serving.engine.preprocess import ImagePreprocessor
 from serving.engine.service import InferInput, ModelView, check_input, convert_input, deadline_after, resolve
@@ -485,10 +486,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--link", type=int, required=True, help="socket to the owner (inherited fd)")
     parser.add_argument("--arena", type=int, required=True, help="shared memory (inherited memfd)")
     parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto", help="as the owner's event_loop")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    return asyncio.run(FrontEnd(args.link, args.arena, args.index).run())
+    return event_loop.run(FrontEnd(args.link, args.arena, args.index).run(), args.event_loop)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,7 @@ class FrontEnds:
         arena = Arena.create(self.config.frontend_buffer_mb * MiB, f"hrnet-frontend-{index}")
         command = [sys.executable, "-m", "serving.workers.frontend"]
         command += ["--link", str(child.fileno()), "--arena", str(arena.fd), "--index", str(index)]
+        command += ["--event-loop", self.config.event_loop]
         with child:
             process = subprocess.Popen(command, pass_fds=(child.fileno(), arena.fd))
         fe = await self.attach(index, arena, parent, process)

@@ -42,16 +42,16 @@ def test_threads_are_attributed_by_their_kernel_names() -> None:
 def test_one_and_two_processes_measured_split_and_reported(tmp_path: Path, capsys) -> None:
     out = tmp_path / "report"
     args = ["bench", "overhead", "--serve-workers", "1,2", "--payloads", "fp32,jpeg", "--size", "32"]
-    args += ["--concurrency", "4", "--warmup", "0.5", "--duration", "1.5", "--report", str(out)]
-    args += ["--owner-alone", "1,4", "--owner-requests", "200"]
+    args += ["--concurrency", "4", "--warmup", "0.5", "--duration", "1", "--report", str(out)]
+    args += ["--owner-alone", "1,4", "--owner-requests", "200", "--event-loops", "uvloop,asyncio"]
     assert main(args) == 0
     report = json.loads((out / "overhead.json").read_text())
     summary = report["overhead"]["summary"]
-    assert sorted((r["payload"], r["serve_workers"]) for r in summary) == [
-        ("fp32", 1),
-        ("fp32", 2),
-        ("jpeg", 1),
-        ("jpeg", 2),
+    assert sorted((r["payload"], r["serve_workers"], r["event_loop"]) for r in summary) == [
+        (payload, workers, loop)
+        for payload in ("fp32", "jpeg")
+        for workers in (1, 2)
+        for loop in ("asyncio", "uvloop")
     ]
     for row in summary:
         assert row["errors"] == {} and row["req_s"] > 0 and row["mean_batch"] >= 1
@@ -64,7 +64,12 @@ def test_one_and_two_processes_measured_split_and_reported(tmp_path: Path, capsy
         if row["serve_workers"] == 1:
             assert row["front_ends_ms"] == 0
     alone = report["overhead"]["owner_alone"]
-    assert [r["in_flight"] for r in alone] == [1, 4]
+    assert [(r["in_flight"], r["event_loop"]) for r in alone] == [
+        (1, "uvloop"),
+        (1, "asyncio"),
+        (4, "uvloop"),
+        (4, "asyncio"),
+    ]
     for r in alone:  # every request answered; batches never hold more than is in flight
         assert r["req_s"] > 0 and 1 <= r["mean_batch"] <= r["in_flight"]
         assert set(r["owner_ms"]) == {"event_loop", "instances", "runtime_pool"}

@@ -41,6 +41,7 @@ def test_precedence_yaml_then_env_then_flags(tmp_path: Path) -> None:
         ({"HRNET_DEVICE": "tpu"}, "device must be cpu, gpu or ascend; got 'tpu'"),
         ({"HRNET_ADAPTIVE_DELAY": "maybe"}, "adaptive_delay: expected bool, got 'maybe'"),
         ({"HRNET_MEAN": "0.5,x,0.5"}, "mean: expected float, got 'x'"),
+        ({"HRNET_EVENT_LOOP": "trio"}, "event_loop must be one of auto, uvloop, asyncio, got 'trio'"),
     ],
 )
 def test_bad_values_name_the_key(env: dict[str, str], message: str) -> None:

@@ -224,6 +224,29 @@ def test_sigterm_drains_and_a_dead_owner_takes_its_workers_along(repo) -> None:
         assert all(_gone(pid) for pid in workers)
 
 
+def _runs_uvloop(pid: int) -> bool:
+    """Whether the process has uvloop's extension mapped: imported only to make its loop."""
+    return "uvloop/loop." in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_the_owner_and_its_workers_run_uvloop_unless_asked_for_asyncio(repo) -> None:
+    """event_loop auto (the default) puts every process on uvloop; asyncio keeps the standard
+    loop everywhere; both give the same logits."""
+    model = repo / "hrnet" / "1" / "model.onnx"
+    batch = np.random.default_rng(3).normal(0, 1, SHAPE).astype(np.float32)
+    answers = []
+    for loop, on_uvloop in (("auto", True), ("asyncio", False)):
+        flags = ["--model", str(model), "--workers", "2", "--metrics-port", "-1", "--log-format", "text"]
+        with ServerProcess([*flags, "--event-loop", loop]) as server:
+            processes = [server.proc.pid, *children(server.proc.pid)]
+            assert len(processes) == 3
+            assert [_runs_uvloop(pid) for pid in processes] == [on_uvloop] * 3
+            answers.append(_infer_alone(server.address, batch))
+            kind = "uvloop" if on_uvloop else "asyncio"
+            assert f"event_loop={kind}" in server.log_path.read_text()
+    np.testing.assert_array_equal(answers[0], answers[1])
+
+
 def test_a_port_in_use_is_refused_before_any_worker_starts() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
