@@ -6,16 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, TypeVar
+
+from serving.event_loop import LoopFactory
 
 T = TypeVar("T")
 
 
 class BackgroundLoop:
-    def __init__(
-        self, name: str, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    ) -> None:
+    def __init__(self, name: str, loop_factory: LoopFactory | None = None) -> None:
         self.loop = (loop_factory or asyncio.new_event_loop)()
         # A daemon: a forgotten server must not keep the interpreter from exiting.
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)

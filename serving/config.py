@@ -10,6 +10,7 @@ Durations and sizes carry their unit in the field name.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -386,6 +387,8 @@ class ServerConfig:
             raise ConfigError(f"repository_poll_s must be > 0, got {self.repository_poll_s}")
         if self.event_loop not in EVENT_LOOPS:
             raise ConfigError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
+        if self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            raise ConfigError("event_loop uvloop: uvloop is not installed (pip install uvloop)")
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"log_format must be json or text, got {self.log_format!r}")
         if self.gpu_metrics_interval_s < 0:

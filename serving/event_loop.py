@@ -14,22 +14,18 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from core.errors import ConfigError
-
 T = TypeVar("T")
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 
 def loop_factory(kind: str) -> LoopFactory | None:
-    """uvloop's loop for `auto` (when installed) and `uvloop`; None (asyncio's default) for
-    `asyncio` (serving.config.EVENT_LOOPS)."""
+    """uvloop's loop for `auto` and `uvloop` when installed (ServerConfig refuses `uvloop` when it
+    is not); None (asyncio's default) for `asyncio` (serving.config.EVENT_LOOPS)."""
     if kind == "asyncio":
         return None
     try:
         import uvloop
     except ImportError:
-        if kind == "uvloop":
-            raise ConfigError("event_loop uvloop: uvloop is not installed (pip install uvloop)") from None
         return None
     return uvloop.new_event_loop
 

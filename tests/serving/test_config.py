@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import pytest
 
 from core.settings import flag_values
+from serving import event_loop
 from serving.cli import add_arguments
 from serving.config import ConfigError, ModelConfig, ServerConfig, load_model_config, load_server_config
 
@@ -47,6 +49,16 @@ def test_precedence_yaml_then_env_then_flags(tmp_path: Path) -> None:
 def test_bad_values_name_the_key(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_server_config(None, {"HRNET_MODEL": "m.onnx", **env})
+
+
+def test_uvloop_asked_for_but_not_installed_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # how Python marks a module absent
+    with pytest.raises(
+        ConfigError, match=r"event_loop uvloop: uvloop is not installed \(pip install uvloop\)"
+    ):
+        load_server_config(None, {"HRNET_MODEL": "m.onnx", "HRNET_EVENT_LOOP": "uvloop"})
+    config = load_server_config(None, {"HRNET_MODEL": "m.onnx"})
+    assert event_loop.resolve(config.event_loop) == "asyncio"  # auto falls back to the standard loop
 
 
 def test_unknown_variables_are_logged_with_a_suggestion_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
