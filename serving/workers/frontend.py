@@ -73,15 +73,17 @@ LOCAL = frozenset(
 # Call metadata that belongs to the hop, not to the call: not forwarded.
 HOP_HEADERS = frozenset({"user-agent", "content-type", "te", "host"})
 NO_DEADLINE = float("nan")
+LOGIT = np.dtype(np.float32)
 
 
 @dataclass(frozen=True)
 class Block:
-    """A request's part of the arena: its model input, then room for its logits."""
+    """A request's part of the arena: its model input, which the owner overwrites with the logits
+    once its batch has read it. So consecutive requests' inputs lie back to back (the allocator
+    places blocks in order) and a batch of them is read where it lies, with no copy."""
 
     offset: int
     nbytes: int
-    output_offset: int
 
 
 class FrontPlane:
@@ -150,8 +152,9 @@ class FrontPlane:
         rows = check_input(model.name, model.input, size, payload)
         check_request_size(rows, model.max_queue_size)  # before any decoding; room is the owner's
         shape = (rows, 3, size, size)
-        input_bytes = aligned(int(np.prod(shape)) * model.input.dtype.itemsize)
-        nbytes = input_bytes + rows * model.num_classes * np.dtype(np.float32).itemsize
+        nbytes = aligned(
+            max(int(np.prod(shape)) * model.input.dtype.itemsize, rows * model.num_classes * LOGIT.itemsize)
+        )
         if nbytes > self.arena.size:
             raise InvalidArgument(
                 f"the request needs {nbytes / 2**20:.1f} MiB of front-end buffer, more than its "
@@ -161,9 +164,9 @@ class FrontPlane:
         if offset is None:
             raise ResourceExhausted(
                 f"front-end buffer full ({self.allocator.free_bytes} of {self.arena.size} bytes free, "
-                f"{nbytes} needed); retry later"
+                f"the largest piece {self.allocator.largest_hole}, {nbytes} needed); retry later"
             )
-        block = Block(offset, nbytes, offset + input_bytes)
+        block = Block(offset, nbytes)
         try:
             tensor = self.arena.array(offset, shape, model.input.dtype)
             await convert_input(
@@ -187,10 +190,10 @@ class FrontPlane:
             self.allocator.free(block.offset, block.nbytes)
             raise Unavailable("the server's model process is gone")
         request_id = next(self._ids)
-        loop = asyncio.get_running_loop()
+        loop = self.link.loop
         answer: asyncio.Future[tuple[str, str] | None] = loop.create_future()
         self._pending[request_id] = (answer, block)
-        record = (request_id, model.slot, rows, block.offset, block.output_offset)
+        record = (request_id, model.slot, rows, block.offset, block.offset)
         self.link.add(
             ipc.Kind.SUBMIT, (*record, NO_DEADLINE if deadline is None else deadline, priority, arrived)
         )
@@ -208,7 +211,7 @@ class FrontPlane:
         try:
             if error is not None:
                 raise Relayed(*error)
-            return self.arena.array(block.output_offset, (rows, model.num_classes), np.float32).copy()
+            return self.arena.array(block.offset, (rows, model.num_classes), LOGIT).copy()
         finally:
             self.allocator.free(block.offset, block.nbytes)
 

@@ -45,7 +45,7 @@ class Kind(enum.IntEnum):
 
 # A request handed to the owner. deadline: absolute time.monotonic() (the clock is system-wide),
 # NaN for none; its input is (rows, 3, S, S) of the model's input dtype at `offset`, its logits
-# go to `output`.
+# go to `output`, which may be `offset` itself: they are written once the batch has read the input.
 SUBMIT = np.dtype(
     [
         ("id", "<u8"),
@@ -170,22 +170,40 @@ class Arena:
 
 
 class Allocator:
-    """First fit over an arena's bytes in ALIGN units; freed blocks merge with their neighbours."""
+    """Next fit over an arena's bytes in ALIGN units; freed blocks merge with their neighbours.
+
+    Next fit, not first fit: the search starts where the last block ended and wraps around, so
+    blocks allocated one after the other lie back to back, as a ring would place them, and a
+    batch of consecutive requests is one span the model reads in place (backends.base.run).
+    First fit put each new block in the earliest hole, wherever that was.
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._free: list[tuple[int, int]] = [(0, size)]  # (offset, length), sorted by offset
+        self._next = 0  # where the last block ended: the search starts here
 
     def allocate(self, nbytes: int) -> int | None:
         """The offset of a block of `nbytes` (rounded up to ALIGN), or None when none is free."""
         nbytes = aligned(max(nbytes, 1))
-        for i, (offset, length) in enumerate(self._free):
-            if length >= nbytes:
-                if length == nbytes:
-                    del self._free[i]
-                else:
-                    self._free[i] = (offset + nbytes, length - nbytes)
-                return offset
+        holes = len(self._free)
+        if not holes:
+            return None
+        start = bisect.bisect(self._free, (self._next, -1))
+        if start and sum(self._free[start - 1]) > self._next:  # the hole that holds `_next`
+            start -= 1
+        for j in range(start, start + holes + 1):  # the start hole twice: from `_next`, then whole
+            i = j % holes
+            offset, length = self._free[i]
+            skip = max(0, self._next - offset) if j == start else 0  # from `_next` on, in its hole
+            if length - skip < nbytes:
+                continue
+            pieces = [(offset, skip)] if skip else []
+            if length - skip > nbytes:
+                pieces.append((offset + skip + nbytes, length - skip - nbytes))
+            self._free[i : i + 1] = pieces
+            self._next = offset + skip + nbytes
+            return offset + skip
         return None
 
     def free(self, offset: int, nbytes: int) -> None:
@@ -202,6 +220,10 @@ class Allocator:
     @property
     def free_bytes(self) -> int:
         return sum(length for _, length in self._free)
+
+    @property
+    def largest_hole(self) -> int:
+        return max((length for _, length in self._free), default=0)
 
 
 RecordHandler = Callable[[Kind, np.ndarray], None]
@@ -220,6 +242,9 @@ class Link(asyncio.Protocol):
         self._on_records = on_records
         self._on_control = on_control
         self._on_closed = on_closed
+        # Kept: asyncio.get_running_loop() makes a getpid() system call each time (its fork check
+        # in Python 3.11), which showed in the owner's profile once per request.
+        self.loop = asyncio.get_running_loop()
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
         self._outgoing: list[tuple[Kind, list[Any]]] = []  # (kind, records) or (CONTROL, [message])
@@ -268,7 +293,7 @@ class Link(asyncio.Protocol):
     def _schedule(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self._flush_scheduled = False

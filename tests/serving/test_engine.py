@@ -248,6 +248,31 @@ def test_a_one_request_batch_is_read_where_it_lies(model_repo) -> None:
         backend.close()
 
 
+def test_requests_back_to_back_in_one_buffer_are_read_as_one_span(model_repo) -> None:
+    """A front end's consecutive requests lie one after the other in its arena: such a batch runs
+    where it lies. Parts of different buffers, out of order or with a gap still go through the
+    batch buffer, with the same logits."""
+    backend = open_backend(model_repo.onnx, ModelConfig(batching=BatchingConfig(max_batch_size=8)))
+    try:
+        arena = _images(6)  # stands in for the arena the requests' blocks are views of
+        parts = [arena[0:1], arena[1:3], arena[3:4]]
+        expected = backend.infer(arena[:4].copy())
+        np.testing.assert_allclose(backend.run(parts, 4), expected, rtol=1e-5, atol=1e-5)
+        assert backend._batch is None  # read in place
+        for others in (
+            [arena[1:3], arena[0:1], arena[3:4]],  # out of order
+            [arena[0:1], arena[2:4]],  # a gap
+            [arena[0:1], arena[1:3].copy()],  # another buffer
+        ):
+            joined = np.concatenate(others)
+            reference = backend.infer(joined)
+            np.testing.assert_allclose(backend.run(others, len(joined)), reference, rtol=1e-5, atol=1e-5)
+            assert backend._batch is not None  # copied into the batch buffer, which holds them
+            np.testing.assert_array_equal(backend._batch[: len(joined)], joined)
+    finally:
+        backend.close()
+
+
 def test_padded_server_answers_like_direct_onnxruntime(one_model, start_server) -> None:
     server = start_server(one_model, padding="on", max_batch_size=8, max_queue_delay_us=20000)
     stub = _stub(server.address)

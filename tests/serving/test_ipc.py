@@ -4,28 +4,43 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 
 import numpy as np
 
 from serving.workers import ipc
-from serving.workers.ipc import ALIGN, Allocator, Arena, open_link
+from serving.workers.ipc import ALIGN, Allocator, Arena, aligned, open_link
 
 
-def test_allocator_first_fit_aligned_and_merging() -> None:
+def test_allocator_next_fit_aligned_wrapping_and_merging() -> None:
     allocator = Allocator(10 * ALIGN)
     a = allocator.allocate(1)  # rounds up to one ALIGN unit
     b = allocator.allocate(3 * ALIGN)
     c = allocator.allocate(2 * ALIGN)
-    assert (a, b, c) == (0, ALIGN, 4 * ALIGN)
+    assert (a, b, c) == (0, ALIGN, 4 * ALIGN)  # back to back, in order
     assert allocator.allocate(5 * ALIGN) is None  # 4 units left
     allocator.free(b, 3 * ALIGN)
-    assert allocator.allocate(2 * ALIGN) == ALIGN  # first fit: the hole b left
-    allocator.free(ALIGN, 2 * ALIGN)
-    allocator.free(a, 1)
-    allocator.free(c, 2 * ALIGN)  # merges with the free space before and after it
+    d = allocator.allocate(2 * ALIGN)
+    assert d == 6 * ALIGN  # next fit: after the last block, not in the hole b left
+    e = allocator.allocate(2 * ALIGN)
+    assert e == 8 * ALIGN  # up to the end of the arena
+    assert allocator.allocate(2 * ALIGN) == ALIGN  # then it wraps around to b's hole
+    assert allocator.allocate(2 * ALIGN) is None  # one unit left, at 3
+    assert allocator.allocate(ALIGN) == 3 * ALIGN
+    for offset, nbytes in ((ALIGN, 2 * ALIGN), (3 * ALIGN, ALIGN), (a, 1), (c, 2 * ALIGN), (d, 2 * ALIGN)):
+        allocator.free(offset, nbytes)
+    allocator.free(e, 2 * ALIGN)  # merges with the free space before it
     assert allocator.free_bytes == 10 * ALIGN
     assert allocator.allocate(10 * ALIGN) == 0
+
+
+def test_allocator_reuses_the_start_of_the_hole_it_searches_from() -> None:
+    """The hole holding the search's start is tried from there first, then whole at the end."""
+    allocator = Allocator(4 * ALIGN)
+    first = allocator.allocate(2 * ALIGN)
+    allocator.free(first, 2 * ALIGN)  # all free again; the search starts at 2 units
+    assert allocator.allocate(3 * ALIGN) == 0  # only the whole hole fits it
 
 
 def test_an_arena_is_the_same_memory_in_both_mappings() -> None:
@@ -72,3 +87,25 @@ async def test_link_delivers_records_and_messages_in_order_one_frame_per_run() -
     assert got[1:] == [("control", big), (ipc.Kind.DONE, [5, 6]), (ipc.Kind.CANCEL, [(7, 1)])]
     sender.close()
     receiver.close()
+
+
+def test_allocator_never_overlaps_and_fails_only_when_no_hole_fits() -> None:
+    """Random allocations and frees, checked against the blocks handed out."""
+    for seed in range(60):
+        rng = random.Random(seed)
+        size = rng.randint(1, 40) * ALIGN
+        allocator, live = Allocator(size), {}
+        for _ in range(200):
+            if live and rng.random() < 0.45:
+                offset = rng.choice(list(live))
+                allocator.free(offset, live.pop(offset))
+                continue
+            nbytes = rng.randint(1, 8 * ALIGN)
+            offset = allocator.allocate(nbytes)
+            if offset is None:
+                assert allocator.largest_hole < aligned(nbytes)
+                continue
+            assert offset % ALIGN == 0 and offset + aligned(nbytes) <= size
+            assert all(offset + aligned(nbytes) <= o or o + aligned(n) <= offset for o, n in live.items())
+            live[offset] = nbytes
+        assert allocator.free_bytes == size - sum(aligned(n) for n in live.values())
