@@ -2,9 +2,15 @@
 
 At GPU rates one Python process cannot both serialize 600 KB requests and keep hundreds in
 flight, and a generator that saturates first measures itself. So the load comes from `workers`
-processes (each its own asyncio loop and gRPC channel per server), every request is serialized
-once in the parent and sent as bytes, unary responses are not even parsed, and the generator's
-own CPU time over the measured window is reported next to the figures it produced.
+processes (each its own asyncio loop and `Workload.connections` gRPC connections per server),
+every request is serialized once in the parent and sent as bytes, unary responses are not even
+parsed, and the generator's own CPU time over the measured window is reported next to the
+figures it produced.
+
+Several connections per process, not one: a server of several processes on one port
+(`hrnet serve --workers`, SO_REUSEPORT) has the kernel spread *connections* over them, so two
+load processes with one connection each left one front end idle in half the runs (the other
+took every request), as a fleet of clients would not.
 
 - **Closed loop** (`concurrency`): that many callers, each with one request in flight, as a
   thread pool of clients would send. Throughput is what the server sustains.
@@ -62,6 +68,11 @@ class Workload:
     requests: tuple[bytes, ...]
     images_per_request: int
     timeout_s: float = 60.0  # per request: a stuck server fails requests, never hangs the run
+    connections: int = 8  # per load process; callers take them in turn (streaming: the first)
+
+    def __post_init__(self) -> None:
+        if self.connections < 1:
+            raise ValueError(f"a workload needs at least one connection, got {self.connections}")
 
 
 @dataclass(frozen=True)
@@ -152,7 +163,7 @@ class LoadGenerator:
         return len(self._procs)
 
     def add_target(self, key: str, address: str, workload: Workload) -> None:
-        """Open a channel to `address` in every worker; `workload` travels to them once."""
+        """Open the workload's connections to `address` in every worker; `workload` travels to them once."""
         for conn in self._conns:
             conn.send(("target", key, address, workload))
         self._collect()
@@ -290,27 +301,32 @@ class _Worker:
     def __init__(self, index: int, workers: int) -> None:
         self.index = index
         self.workers = workers
-        self.targets: dict[str, tuple[grpc.aio.Channel, Workload]] = {}
+        self.targets: dict[str, tuple[list[grpc.aio.Channel], Workload]] = {}
 
     async def handle(self, kind: str, key: str, *args: Any) -> Any:
         if kind == "target":
             address, workload = args
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            await asyncio.wait_for(channel.channel_ready(), 30)
-            self.targets[key] = (channel, workload)
+            # A local subchannel pool each: channels of equal options would share one connection.
+            options = (*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1))
+            channels = [
+                grpc.aio.insecure_channel(address, options=options) for _ in range(workload.connections)
+            ]
+            self.targets[key] = (channels, workload)
+            await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)), 30)
             return None
         if kind == "run":
             level, start = args
-            channel, workload = self.targets[key]
-            return await self.run(channel, workload, level, start)
+            channels, workload = self.targets[key]
+            return await self.run(channels, workload, level, start)
         raise ValueError(f"unknown command {kind!r}")
 
     async def close(self) -> None:
-        for channel, _ in self.targets.values():
-            await channel.close()
+        for channels, _ in self.targets.values():
+            for channel in channels:
+                await channel.close()
 
     async def run(
-        self, channel: grpc.aio.Channel, workload: Workload, level: Level, start: float
+        self, channels: list[grpc.aio.Channel], workload: Workload, level: Level, start: float
     ) -> _Samples:
         window = _Window(start + level.warmup_s, level)
         if level.concurrency:
@@ -323,17 +339,21 @@ class _Worker:
         if level.concurrency and not callers:
             return window.samples
         api = make_api(workload.api)
-        stream = _Stream(channel, api, workload.timeout_s) if workload.streaming else None
-        call: Call = stream.send if stream else _unary(channel, api.unary, workload.timeout_s)
+        stream = _Stream(channels[0], api, workload.timeout_s) if workload.streaming else None
+        calls: list[Call] = (
+            [stream.send] if stream else [_unary(c, api.unary, workload.timeout_s) for c in channels]
+        )
         payloads = workload.requests
         cpu_watch = asyncio.ensure_future(window.watch_cpu())
         await _sleep_until_async(start)
         try:
             if level.concurrency:
-                await asyncio.gather(*(_caller(call, payloads, k, callers, window) for k in range(callers)))
+                await asyncio.gather(
+                    *(_caller(calls[k % len(calls)], payloads, k, callers, window) for k in range(callers))
+                )
             else:
                 rng = np.random.default_rng([self.index, int(level.rate * 1000)])
-                await _arrivals(call, payloads, level.rate / self.workers, rng, window)
+                await _arrivals(calls, payloads, level.rate / self.workers, rng, window)
             if not window.count_mode:
                 await cpu_watch  # ends with the window, which has passed or is about to
         finally:
@@ -407,12 +427,13 @@ async def _caller(call: Call, payloads: tuple[bytes, ...], first: int, step: int
 
 
 async def _arrivals(
-    call: Call, payloads: tuple[bytes, ...], rate: float, rng: np.random.Generator, window: _Window
+    calls: list[Call], payloads: tuple[bytes, ...], rate: float, rng: np.random.Generator, window: _Window
 ) -> None:
-    """Poisson arrivals at `rate`: independent exponential gaps, each request its own task."""
+    """Poisson arrivals at `rate`: independent exponential gaps, each request its own task, the
+    connections taken in turn."""
     pending: set[asyncio.Task] = set()
 
-    async def one(payload: bytes, scheduled: float, ticket: bool) -> None:
+    async def one(call: Call, payload: bytes, scheduled: float, ticket: bool) -> None:
         code = await call(payload)
         window.record(scheduled, time.monotonic(), code, ticket)
 
@@ -430,7 +451,9 @@ async def _arrivals(
         if len(pending) >= MAX_OUTSTANDING:
             window.record(scheduled, scheduled, NOT_SENT, ticket)
             continue
-        task = asyncio.ensure_future(one(payloads[i % len(payloads)], scheduled, ticket))
+        task = asyncio.ensure_future(
+            one(calls[i % len(calls)], payloads[i % len(payloads)], scheduled, ticket)
+        )
         pending.add(task)
         task.add_done_callback(pending.discard)
     if pending:

@@ -10,7 +10,8 @@ front-end process over the measured window:
 
 - owner: the event loop (its main thread), the model instances (`hrnet-instance`), the runtime's
   pool (`hrnet-pool`) and the rest (gRPC, the default executor);
-- front ends together, and the load generator.
+- front ends together (and the busiest one's share of them: the kernel spreads connections, not
+  requests, so a load of few connections can leave one idle), and the load generator.
 
 Each is reported in CPU milliseconds per request. The owner's cap, 1000 / owner ms, is the request
 rate one owner process could sustain if it had a core to itself: the figure that says whether the
@@ -149,11 +150,12 @@ class CpuSplitProbe:
         split: dict[str, float] = defaultdict(float)
         for tid, (name, cpu_s) in _threads(self.owner).items():
             split[role(tid, self.owner, name)] += cpu_s - self._threads.get(tid, (name, 0.0))[1]
-        front_ends = sum(_process_cpu_s(pid) - before for pid, before in self._front_ends.items())
+        each = [_process_cpu_s(pid) - before for pid, before in self._front_ends.items()]
         return {
             "owner_cpu_s": {r: split[r] for r in ROLES},
-            "front_ends_cpu_s": front_ends,
-            "front_end_processes": len(self._front_ends),
+            "front_ends_cpu_s": sum(each),
+            "front_end_processes": len(each),
+            "busiest_front_end": max(each) / sum(each) if sum(each) > 0 else None,
         }
 
 
@@ -169,6 +171,7 @@ class Row:
     owner_ms: dict[str, float]  # CPU ms per request by thread role
     front_ends_ms: float
     front_end_processes: int
+    busiest_front_end: float | None  # its share of the front ends' CPU: 1/N when even
     loadgen_ms: float
 
     @property
@@ -190,6 +193,7 @@ class Row:
             "owner_cap_req_s": 1000 / total if total > 0 else None,
             "front_ends_ms": self.front_ends_ms,
             "front_end_processes": self.front_end_processes,
+            "busiest_front_end": self.busiest_front_end,
             "loadgen_ms": self.loadgen_ms,
             "server_ms": total + self.front_ends_ms,
         }
@@ -209,6 +213,7 @@ def _row(payload: str, serve_workers: int, loop: str, measured: Measured) -> Row
         owner_ms={r: 1e3 * s / n for r, s in figures.get("owner_cpu_s", {}).items()},
         front_ends_ms=1e3 * figures.get("front_ends_cpu_s", 0.0) / n,
         front_end_processes=figures.get("front_end_processes", 0),
+        busiest_front_end=figures.get("busiest_front_end"),
         loadgen_ms=1e3 * measured.loadgen_cpu * measured.window_s / n,
     )
 
@@ -274,20 +279,26 @@ async def _owner_alone(size: int, in_flight: int, requests: int) -> dict[str, An
     plane.open()
     owner = FrontEnds(ServerConfig(model=str(path)), 1, plane, None, None, "")  # type: ignore[arg-type]
     item = 3 * size * size * 4
-    stride = aligned(item + CLASSES * 4)
+    stride = aligned(max(item, CLASSES * 4))  # a front end's block: the logits overwrite the input
     arena = Arena.create(stride * in_flight, "hrnet-owner-alone")
     for slot in range(in_flight):
         arena.array(slot * stride, (1, 3, size, size), np.float32)[...] = 0.5
     ours, theirs = socket.socketpair()
     await owner.attach(0, arena, ours)
-    stand_in = threading.Thread(
-        target=_stand_in, args=(theirs, model.slot, in_flight, requests, stride, item)
-    )
+    finished = asyncio.get_running_loop().create_future()  # awaited, not polled: polls are loop CPU
+
+    def feed() -> None:
+        try:
+            _stand_in(theirs, model.slot, in_flight, requests, stride)
+        finally:
+            finished.get_loop().call_soon_threadsafe(finished.set_result, None)
+
     before = _threads(os.getpid())
     started = time.perf_counter()
+    stand_in = threading.Thread(target=feed)
     stand_in.start()
-    while stand_in.is_alive():
-        await asyncio.sleep(0.01)
+    await finished
+    stand_in.join()
     seconds = time.perf_counter() - started
     split: dict[str, float] = defaultdict(float)
     for tid, (name, cpu_s) in _threads(os.getpid()).items():
@@ -310,15 +321,14 @@ async def _owner_alone(size: int, in_flight: int, requests: int) -> dict[str, An
     }
 
 
-def _stand_in(sock: socket.socket, slot: int, in_flight: int, requests: int, stride: int, item: int) -> None:
+def _stand_in(sock: socket.socket, slot: int, in_flight: int, requests: int, stride: int) -> None:
     """A front end reduced to its link: keeps `in_flight` records outstanding until `requests`."""
     from serving.workers.ipc import DONE, HEADER, SUBMIT, Kind
 
     def submit(ids: list[int]) -> None:
         now = time.monotonic()
         records = [
-            (i, slot, 1, (i % in_flight) * stride, (i % in_flight) * stride + item, np.nan, 0, now)
-            for i in ids
+            (i, slot, 1, (i % in_flight) * stride, (i % in_flight) * stride, np.nan, 0, now) for i in ids
         ]
         body = np.array(records, SUBMIT).tobytes()
         sock.sendall(HEADER.pack(len(body), Kind.SUBMIT) + body)

@@ -76,6 +76,10 @@ def _f(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -224,7 +228,7 @@ def batching_table(batching: dict[str, Any]) -> Table:
 
 def overhead_table(summary: Sequence[dict[str, Any]]) -> Table:
     header = ["payload", "--workers", "event loop", "req/s", "batch", "owner", "loop", "instances", "pool"]
-    header += ["other", "owner cap req/s", "front ends", "load gen", "p99 ms", "errors"]
+    header += ["other", "owner cap req/s", "front ends", "busiest front end", "load gen", "p99 ms", "errors"]
     rows = []
     for r in summary:
         split = r["owner_ms"]
@@ -239,6 +243,7 @@ def overhead_table(summary: Sequence[dict[str, Any]]) -> Table:
                 *(_f(split.get(k), 3) for k in ("event_loop", "instances", "runtime_pool", "other_threads")),
                 _f(r["owner_cap_req_s"], 0),
                 _f(r["front_ends_ms"], 3),
+                _percent(r.get("busiest_front_end")),
                 _f(r["loadgen_ms"], 3),
                 _f(r["p99_ms"]),
                 _errors(r["errors"]),
