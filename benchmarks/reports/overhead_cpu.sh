@@ -11,5 +11,5 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-.venv/bin/python}
 "$PYTHON" -m hrnet bench overhead --payloads fp32,uint8,jpeg --serve-workers 1,2 --event-loops uvloop,asyncio --repeats 2 \
-    --duration 8 --owner-alone 1,2,4,16 --owner-requests 5000 \
+    --duration 8 --owner-alone 1,2,4,16 --owner-requests 20000 \
     --report benchmarks/reports/overhead_cpu --note "${1:-}"
