@@ -162,6 +162,11 @@ class LoadGenerator:
     def workers(self) -> int:
         return len(self._procs)
 
+    @property
+    def pids(self) -> list[int]:
+        """The worker processes, for what watches them from outside (their sockets, their CPU)."""
+        return [proc.pid for proc in self._procs if proc.pid is not None]
+
     def add_target(self, key: str, address: str, workload: Workload) -> None:
         """Open the workload's connections to `address` in every worker; `workload` travels to them once."""
         for conn in self._conns:

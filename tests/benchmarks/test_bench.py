@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -151,29 +152,35 @@ def test_open_loop_streaming_and_errors_by_status(grpc_server, digit_images) -> 
         assert (measured.ok, measured.errors, measured.latency) == (0, {"NOT_FOUND": 6}, None)
 
 
-def _established_to(port: int) -> int:
-    """Established TCP connections to `port` in this network namespace, over IPv4 and IPv6."""
-    fields = [
+def _connections_to(pid: int, port: int) -> int:
+    """Established TCP connections of process `pid` to `port` (its socket inodes in /proc/net)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd) if fd.is_symlink() else ""
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    rows = [
         line.split()
         for table in ("tcp", "tcp6")
         for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]
     ]
-    return sum(1 for f in fields if f[2].endswith(f":{port:04X}") and f[3] == "01")
+    return sum(1 for r in rows if r[2].endswith(f":{port:04X}") and r[3] == "01" and r[9] in inodes)
 
 
 def test_a_workload_opens_its_connections_each_a_tcp_connection_of_its_own(grpc_server) -> None:
-    """Several connections per load process: the kernel spreads connections, not requests, over
-    the front ends of `hrnet serve --workers`. gRPC would otherwise share one between channels."""
+    """Several connections per load process: the kernel spreads connections, not calls, over the
+    front ends of `hrnet serve --workers`. gRPC would otherwise share one between channels."""
     model = fetch_model_info(grpc_server.address, "hrnet")
     workload = dataclasses.replace(WorkloadSpec(KSERVE).build(model), connections=3)
     port = int(grpc_server.address.rsplit(":", 1)[1])
-    before = _established_to(port)
     with LoadGenerator(workers=1) as generator:
+        (worker,) = generator.pids
+        assert _connections_to(worker, port) == 0
         generator.add_target("tensors", grpc_server.address, workload)
-        assert _established_to(port) == before + 3
+        assert _connections_to(worker, port) == 3
         measured = generator.run("tensors", Level(concurrency=6, warmup_s=0, requests=12))
         assert (measured.ok, measured.errors) == (12, {})
-        assert _established_to(port) == before + 3  # the callers took turns on the same three
+        assert _connections_to(worker, port) == 3  # the callers took turns on the same three
 
 
 def test_ceiling_reports_several_files_side_by_side(model_repo, tmp_path: Path) -> None:
