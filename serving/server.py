@@ -51,7 +51,7 @@ from serving.engine.control import ModelControl
 from serving.engine.service import DataPlane
 from serving.engine.shm import SharedMemoryRegistry
 from serving.errors import ListenError
-from serving.memory import map_large_blocks, trim_when_quiet
+from serving.memory import configure_allocator, trim_when_quiet
 from serving.metrics import ServerMetrics
 from serving.telemetry import GpuTelemetry, ProcessCpu
 from serving.workers.supervisor import FrontEnds
@@ -124,7 +124,7 @@ class Server:
     async def start(self) -> None:
         """Bind, load the models, start batching; raises a StartError and leaves nothing running."""
         cfg = self.config
-        map_large_blocks()
+        configure_allocator()
         self._guard = CallGuard()
         self._grpc = self._services()
         try:

@@ -55,6 +55,7 @@ from serving.errors import (
     Unavailable,
 )
 from serving.logs import configure
+from serving.memory import configure_allocator, trim_when_quiet
 from serving.workers import ipc
 from serving.workers.ipc import Allocator, Arena, Link, aligned, open_link
 
@@ -102,6 +103,7 @@ class FrontPlane:
         # request id -> (its answer: None or (code, message), its block); freed on the answer
         self._pending: dict[int, tuple[asyncio.Future[tuple[str, str] | None], Block]] = {}
         self._ids = itertools.count()
+        self.answered = 0  # requests the owner answered, for trimming the heap when quiet
         self._preparing = 0
         self._prepared = asyncio.Event()
 
@@ -220,6 +222,15 @@ class FrontPlane:
         if request_id in self._pending:
             self.link.add(ipc.Kind.CANCEL, (request_id, expired))
 
+    @property
+    def preparing(self) -> int:
+        return self._preparing
+
+    @property
+    def waiting(self) -> int:
+        """Requests handed to the owner and not yet answered."""
+        return len(self._pending)
+
     def on_records(self, kind: ipc.Kind, records: np.ndarray) -> None:
         """The owner's DONE ids: their logits are in their blocks."""
         if kind == ipc.Kind.DONE:
@@ -235,6 +246,7 @@ class FrontPlane:
         if entry is None:
             return
         answer, block = entry
+        self.answered += 1
         if answer.done():  # its caller left: nobody reads the block any more
             self.allocator.free(block.offset, block.nbytes)
         else:
@@ -358,6 +370,7 @@ class FrontEnd:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        configure_allocator()
         self._guard = CallGuard()
         self._first, self._stop = loop.create_future(), loop.create_future()
         link = await open_link(
@@ -377,7 +390,7 @@ class FrontEnd:
         for handler in logging.getLogger().handlers:
             handler.addFilter(self._tag)
         self.regions = SharedMemoryRegistry(config.max_message_bytes)
-        self.plane = FrontPlane(link, Arena(self._arena_fd, arena_size), config.decode_threads())
+        self.plane = plane = FrontPlane(link, Arena(self._arena_fd, arena_size), config.decode_threads())
         async with grpc.aio.insecure_channel(owner_address, options=_limits(config)) as owner:
             server = self._server(config, owner)
             try:
@@ -394,6 +407,11 @@ class FrontEnd:
                 return 2
             await server.start()
             link.send(ipc.Listening())
+            trimmer = loop.create_task(
+                trim_when_quiet(lambda: (plane.preparing + plane.waiting, plane.answered))
+            )
+            self._tasks.add(trimmer)
+            trimmer.add_done_callback(self._tasks.discard)
             grace_s = await self._stop
             # As the owner does (serving.api.rpc.exit_now): answer what was accepted, then leave without
             # gRPC's shutdown, whose race cancels the calls that reach it meanwhile.
