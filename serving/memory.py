@@ -18,9 +18,9 @@ the server stayed at 3.7 GB resident while holding 0.3 GB. Three remedies, all g
   was given back and its pages faulted in and zeroed again for the next one: a front end made
   half a `brk` call per FP32 request under load. With the threshold raised a front end spends
   0.96 CPU ms per FP32 request instead of 1.08-1.17, and 1.96-2.09 per JPEG one instead of
-  2.5-2.7 (2-core Intel Xeon, `hrnet bench overhead`). No higher: `malloc_trim` does not give back the top of a
-  thread's arena, so each arena may keep this much for good (after a burst of large images the
-  server stayed 43% above its floor at 64 MiB, 13% at 16 MiB).
+  2.5-2.7 (2-core Intel Xeon, `hrnet bench overhead`). No higher: `malloc_trim` does not give
+  back the top of a thread's arena, so each arena may keep this much for good (after a burst of
+  large images the server stayed 43% above its floor at 64 MiB, 13% at 16 MiB).
 - `malloc_trim(0)` releases the free pages left in every arena. It runs when the server has gone
   quiet, never under load: there the freed memory is about to be reused.
 

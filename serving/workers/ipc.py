@@ -243,7 +243,7 @@ class Link(asyncio.Protocol):
         self._on_control = on_control
         self._on_closed = on_closed
         # Kept: asyncio.get_running_loop() makes a getpid() system call each time (its fork check
-        # in Python 3.11), which showed in the owner's profile once per request.
+        # in Python 3.11), about 0.1 us here, and `add` runs once per request.
         self.loop = asyncio.get_running_loop()
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None

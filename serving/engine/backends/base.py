@@ -36,10 +36,10 @@ class TensorSpec:
     dtype: np.dtype
 
 
-def back_to_back(parts: Sequence[np.ndarray]) -> np.ndarray | None:
-    """The parts as one array when they are C-contiguous views of one buffer, each starting where
-    the one before ends; None otherwise. The span lies inside the buffer the parts share, which
-    keeps it alive (it is their `base`)."""
+def back_to_back(parts: Sequence[np.ndarray], rows: int) -> np.ndarray | None:
+    """The parts (`rows` rows in all) as one array when they are C-contiguous views of one buffer,
+    each starting where the one before ends; None otherwise. The span lies inside the buffer the
+    parts share, which keeps it alive (it is their `base`)."""
     first = parts[0]
     if len(parts) == 1:
         return first
@@ -56,7 +56,6 @@ def back_to_back(parts: Sequence[np.ndarray]) -> np.ndarray | None:
         ):
             return None
         end += part.nbytes
-    rows = sum(len(p) for p in parts)
     return np.lib.stride_tricks.as_strided(first, (rows, *item), first.strides, writeable=False)
 
 
@@ -106,7 +105,7 @@ class Backend(ABC):
         real = sum(len(p) for p in parts)
         if not parts or real > rows:
             raise ValueError(f"a batch of {real} rows cannot run as {rows}")
-        span = back_to_back(parts) if real == rows else None
+        span = back_to_back(parts, rows) if real == rows else None
         if span is not None and self._reads_in_place(span):
             return np.asarray(self.infer(span), dtype=np.float32)
         batch = self._buffer(rows, parts[0].shape[1:])
