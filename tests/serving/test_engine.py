@@ -27,6 +27,7 @@ from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import model_config_pb2 as mc
 from serving.config import BatchingConfig, ConfigError, ModelConfig, ServerConfig, load_model_config
 from serving.engine.backends import BACKENDS, open_backend
+from serving.engine.backends.base import spans
 from serving.engine.backends.onnxrt import OnnxRuntimeBackend, provider_options
 from serving.errors import ModelLoadError
 from serving.server import Server
@@ -248,29 +249,47 @@ def test_a_one_request_batch_is_read_where_it_lies(model_repo) -> None:
         backend.close()
 
 
-def test_requests_back_to_back_in_one_buffer_are_read_as_one_span(model_repo) -> None:
+def test_requests_back_to_back_in_one_buffer_are_read_in_place(model_repo) -> None:
     """A front end's consecutive requests lie one after the other in its arena: such a batch runs
-    where it lies. Parts of different buffers, out of order or with a gap still go through the
-    batch buffer, with the same logits."""
+    where it lies, whatever order the batch lists them in. A batch in several spans (a gap, another
+    buffer) runs span by span only while one more call costs less than the copy it saves, as
+    measured; otherwise it goes through the batch buffer. The logits are the same every way."""
     backend = open_backend(model_repo.onnx, ModelConfig(batching=BatchingConfig(max_batch_size=8)))
     try:
         arena = _images(6)  # stands in for the arena the requests' blocks are views of
-        parts = [arena[0:1], arena[1:3], arena[3:4]]
-        expected = backend.infer(arena[:4].copy())
-        np.testing.assert_allclose(backend.run(parts, 4), expected, rtol=1e-5, atol=1e-5)
-        assert backend._batch is None  # read in place
-        for others in (
-            [arena[1:3], arena[0:1], arena[3:4]],  # out of order
+        for parts in ([arena[0:1], arena[1:3], arena[3:4]], [arena[1:3], arena[0:1], arena[3:4]]):
+            joined = np.concatenate(parts)
+            np.testing.assert_allclose(backend.run(parts, 4), backend.infer(joined), rtol=1e-5, atol=1e-5)
+            assert backend._batch is None  # one span, read in place
+        assert backend._call_s < float("inf")
+        several = (
             [arena[0:1], arena[2:4]],  # a gap
-            [arena[0:1], arena[1:3].copy()],  # another buffer
-        ):
-            joined = np.concatenate(others)
-            reference = backend.infer(joined)
-            np.testing.assert_allclose(backend.run(others, len(joined)), reference, rtol=1e-5, atol=1e-5)
-            assert backend._batch is not None  # copied into the batch buffer, which holds them
-            np.testing.assert_array_equal(backend._batch[: len(joined)], joined)
+            [arena[3:4], arena[0:1].copy(), arena[1:3]],  # another buffer
+        )
+        for call_s, in_place in ((float("inf"), False), (0.0, True)):
+            for parts in several:
+                if backend._batch is not None:  # dropped: whether `run` needs one shows
+                    backend.release(backend._batch)
+                    backend._batch = None
+                backend._call_s, backend._copy_s_per_byte = call_s, 1e-9
+                joined = np.concatenate(parts)
+                reference = backend.infer(joined)
+                np.testing.assert_allclose(backend.run(parts, len(joined)), reference, rtol=1e-5, atol=1e-5)
+                assert (backend._batch is None) == in_place, parts
+                assert (backend._copy_s_per_byte == 1e-9) == in_place  # a copy measures its cost
     finally:
         backend.close()
+
+
+def test_spans_group_parts_by_where_they_lie() -> None:
+    buffer = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+    parts = [buffer[4:6], buffer[0:1], buffer[6:7], buffer[1:3], buffer[7:8].copy()]
+    runs = {run.parts: run.rows for run in spans(parts)}  # in address order: the copy's is its own
+    assert sorted(runs) == [(0, 2), (1, 3), (4,)]
+    np.testing.assert_array_equal(runs[1, 3], buffer[0:3])
+    np.testing.assert_array_equal(runs[0, 2], buffer[4:7])
+    assert np.shares_memory(runs[0, 2], buffer) and not runs[0, 2].flags.writeable
+    assert [run.parts for run in spans([buffer[0:2], buffer[2:4].astype(np.float64)])] == [(0,), (1,)]
 
 
 def test_padded_server_answers_like_direct_onnxruntime(one_model, start_server) -> None:

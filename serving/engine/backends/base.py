@@ -15,6 +15,8 @@ its own, and may keep thread-bound resources (CUDA streams, bindings, buffers).
 
 from __future__ import annotations
 
+import itertools
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from core.metadata import ModelMetadata
 from serving.config import ModelConfig
@@ -36,27 +39,55 @@ class TensorSpec:
     dtype: np.dtype
 
 
-def back_to_back(parts: Sequence[np.ndarray], rows: int) -> np.ndarray | None:
-    """The parts (`rows` rows in all) as one array when they are C-contiguous views of one buffer,
-    each starting where the one before ends; None otherwise. The span lies inside the buffer the
-    parts share, which keeps it alive (it is their `base`)."""
-    first = parts[0]
-    if len(parts) == 1:
-        return first
-    if first.base is None or not first.flags.c_contiguous:  # arrays of their own never abut
-        return None
-    base, item, end = first.base, first.shape[1:], first.ctypes.data + first.nbytes
-    for part in parts[1:]:
+SMOOTHING = 0.1  # weight of the newest measurement in `run`'s running means
+
+
+@dataclass(frozen=True)
+class Span:
+    """Parts of a batch that lie back to back in one buffer: `rows` as one array, and the parts'
+    indices in the batch, in the order they lie."""
+
+    rows: np.ndarray
+    parts: tuple[int, ...]
+
+
+def spans(parts: Sequence[np.ndarray]) -> list[Span]:
+    """The parts grouped into runs that lie one after the other in memory, in address order.
+
+    A front end places its consecutive requests' blocks back to back in its arena, so a batch of
+    its requests is one span and a batch from two front ends two, however the requests
+    interleaved on the way. Views of one buffer (their common `base`) only: an array of its own
+    ends its span. A span of several parts is a view inside their buffer, which keeps it alive.
+    """
+    address = [p.ctypes.data for p in parts]
+    runs: list[list[int]] = []
+    end = -1
+    for i in sorted(range(len(parts)), key=address.__getitem__):
+        part, first = parts[i], parts[runs[-1][0]] if runs else None
         if (
-            part.base is not base
+            first is None
+            or address[i] != end
+            or part.base is None
+            or part.base is not first.base
             or part.dtype != first.dtype
-            or part.shape[1:] != item
-            or not part.flags.c_contiguous
-            or part.ctypes.data != end
+            or part.shape[1:] != first.shape[1:]
+            or not (part.flags.c_contiguous and first.flags.c_contiguous)
         ):
-            return None
-        end += part.nbytes
-    return np.lib.stride_tricks.as_strided(first, (rows, *item), first.strides, writeable=False)
+            runs.append([i])
+        else:
+            runs[-1].append(i)
+        end = address[i] + part.nbytes
+    out = []
+    for run in runs:
+        first = parts[run[0]]
+        rows = sum(len(parts[i]) for i in run)
+        view = (
+            first
+            if len(run) == 1
+            else as_strided(first, (rows, *first.shape[1:]), first.strides, writeable=False)
+        )
+        out.append(Span(view, tuple(run)))
+    return out
 
 
 class Backend(ABC):
@@ -78,6 +109,8 @@ class Backend(ABC):
         self.output: TensorSpec | None = None
         self.metadata: ModelMetadata | None = None  # the model card the file carries, if any
         self._batch: np.ndarray | None = None  # the reusable input buffer of `run`
+        self._call_s = float("inf")  # one runtime call's recent seconds (smoothed): none yet
+        self._copy_s_per_byte = 0.0  # copying parts into the buffer (smoothed): none yet
 
     @abstractmethod
     def load(self) -> None:
@@ -96,22 +129,61 @@ class Backend(ABC):
         back as a new FP32 array (one copy out of the runtime's output), those of the padding
         rows are dropped.
 
-        A batch that needs no padding and no conversion and whose parts lie back to back in one
-        buffer (one request; or a front end's consecutive requests, whose blocks it places one
-        after the other) is read where it lies, when the backend can (`_reads_in_place`):
-        copying a 224x224 FP32 image into the buffer took 48 of the 130 us the owner's instance
-        thread spent on each, onnxruntime's run of the near-free model 43 (docs/serving.md).
+        A batch that needs no padding and no conversion is read where it lies when the backend
+        can (`_reads_in_place`): each `span` of parts lying back to back (one request; a front
+        end's consecutive requests) is one runtime call. One span always runs so. Several do
+        when one more call costs less than the copy it saves: `_call_s` and `_copy_s_per_byte`
+        are measured as batches run. With the near-free model a call cost about 25 us and
+        copying a 224x224 FP32 image 50, so a batch from two front ends runs as two calls; with
+        a real model one call of the whole batch costs far more than copying it, so it is copied.
         """
         real = sum(len(p) for p in parts)
         if not parts or real > rows:
             raise ValueError(f"a batch of {real} rows cannot run as {rows}")
-        span = back_to_back(parts, rows) if real == rows else None
-        if span is not None and self._reads_in_place(span):
-            return np.asarray(self.infer(span), dtype=np.float32)
+        if real == rows:
+            runs = spans(parts)
+            nbytes = sum(p.nbytes for p in parts)
+            if all(self._reads_in_place(span.rows) for span in runs) and (
+                len(runs) == 1 or (len(runs) - 1) * self._call_s < nbytes * self._copy_s_per_byte
+            ):
+                return self._run_in_place(parts, runs, real)
         batch = self._buffer(rows, parts[0].shape[1:])
+        started = time.perf_counter()
         np.concatenate(parts, out=batch[:real], casting="unsafe")
         batch[real:] = 0
-        return np.array(self.compute(batch)[:real], dtype=np.float32)
+        copied = time.perf_counter()
+        logits = np.array(self.compute(batch)[:real], dtype=np.float32)
+        self._copy_s_per_byte += SMOOTHING * ((copied - started) / batch.nbytes - self._copy_s_per_byte)
+        self._note_call(time.perf_counter() - copied)
+        return logits
+
+    def _run_in_place(self, parts: Sequence[np.ndarray], runs: list[Span], real: int) -> np.ndarray:
+        """One `infer` per span; the logits in the parts' batch order."""
+        if len(runs) == 1 and runs[0].parts == tuple(range(len(parts))):
+            started = time.perf_counter()
+            logits = np.asarray(self.infer(runs[0].rows), dtype=np.float32)
+            self._note_call(time.perf_counter() - started)
+            return logits
+        starts = list(itertools.accumulate((len(p) for p in parts), initial=0))
+        out: np.ndarray | None = None
+        for span in runs:
+            started = time.perf_counter()
+            logits = self.infer(span.rows)
+            self._note_call(time.perf_counter() - started)
+            if out is None:
+                out = np.empty((real, *logits.shape[1:]), np.float32)
+            row = 0
+            for i in span.parts:
+                n = len(parts[i])
+                out[starts[i] : starts[i] + n] = logits[row : row + n]
+                row += n
+        assert out is not None
+        return out
+
+    def _note_call(self, seconds: float) -> None:
+        self._call_s = (
+            seconds if self._call_s == float("inf") else self._call_s + SMOOTHING * (seconds - self._call_s)
+        )
 
     def _reads_in_place(self, part: np.ndarray) -> bool:
         """Whether `infer` can take `part` as it is, with no copy of ours: the input dtype, one
