@@ -226,8 +226,12 @@ class Batcher:
         self._free: collections.deque[tuple[Runner, float]] = collections.deque()  # with when it freed
         self._timer: asyncio.TimerHandle | None = None  # the wait for company, while one runs
         self._watchdog: asyncio.TimerHandle | None = None  # the next execution_timeout_s due
-        self._kick_scheduled = False
+        self._kick_scheduled: asyncio.Handle | None = None
         self._wait_base: int | None = None  # images queued when the current wait began
+        self._holding = False
+        # Told (this batcher, True) when a batch starts waiting for company that reading requests
+        # now would not bring sooner, and (this batcher, False) when that ends: see `_hold`.
+        self.on_hold: Callable[[Batcher, bool], None] | None = None
         self._skip_waits = 0  # batches still to go without waiting, after a fruitless wait
         # Bound to the running loop: made in start().
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -301,15 +305,22 @@ class Batcher:
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
     def put(
-        self, items: np.ndarray, deadline: float | None, priority: int, on_done: OnDone, ref: Any = None
+        self,
+        items: np.ndarray,
+        deadline: float | None,
+        priority: int,
+        on_done: OnDone,
+        ref: Any = None,
+        arrived: float | None = None,
     ) -> _Task:
         """Queue `items` (N <= max_batch_size rows, admitted with `admit`) without a coroutine:
         `on_done(task, outputs, error)` runs on the loop when it ends, after its batch has read
-        `items`. `withdraw` takes it back while it is still queued."""
+        `items`. `withdraw` takes it back while it is still queued. `arrived`: when the request
+        reached the server (a `clock()` time), if earlier than now: the arrival rate counts it."""
         if not 1 <= len(items) <= self.config.max_batch_size:
             raise ValueError(f"put takes 1..max_batch_size rows, got {len(items)}")
         now = self._clock()
-        self._note_arrival(now)
+        self._note_arrival(now if arrived is None else min(arrived, now))
         return self._enqueue(_Task(items, now, deadline, on_done=on_done, ref=ref), priority)
 
     def withdraw(self, task: _Task, expired: bool) -> None:
@@ -345,9 +356,8 @@ class Batcher:
     def _kick_soon(self) -> None:
         """Decide at the end of this loop turn, once every request that arrived in it is queued (a
         front end's frame brings several): deciding at the first would send it alone."""
-        if not self._kick_scheduled and self._loop is not None:
-            self._kick_scheduled = True
-            self._loop.call_soon(self._kick)
+        if self._kick_scheduled is None and self._loop is not None:
+            self._kick_scheduled = self._loop.call_soon(self._kick)
 
     async def _wait(self, task: _Task) -> np.ndarray:
         # Shielded: a cancelled caller must not cancel a running task's future, which resolves
@@ -397,7 +407,11 @@ class Batcher:
     def _kick(self) -> None:
         """Give every free instance its next batch, or wait for company (see the module docstring):
         a timer then calls this again, as does every arrival and every instance freed meanwhile."""
-        self._kick_scheduled = False
+        self._kick_scheduled = None
+        self._hold(False)  # what arrived while holding is queued now, before deciding ...
+        if self._kick_scheduled is not None:  # ... so the kick it asked for is this one
+            self._kick_scheduled.cancel()
+            self._kick_scheduled = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -414,6 +428,7 @@ class Batcher:
             if not (full or wait_until <= now or self._closing or self._no_company_expected(wait_until)):
                 assert self._loop is not None
                 self._timer = self._loop.call_later(wait_until - now, self._kick)
+                self._hold(self._no_fill_before(wait_until, now, target))
                 if self._wait_base is None:
                     self._wait_base = self._queued_images
                 break
@@ -424,6 +439,27 @@ class Batcher:
             self._dispatch(runner, self._take())
         self._check_idle()
 
+    def _no_fill_before(self, wait_until: float, now: float, target: int) -> bool:
+        """At the recent arrival rate, will the batch still be short of `target` when the wait ends?"""
+        if self._mean_gap is None:
+            return False
+        expected = (wait_until - now) / self._mean_gap if self._mean_gap > 0 else float("inf")
+        return self._queued_images + expected < target
+
+    def _hold(self, holding: bool) -> None:
+        """Tell `on_hold` that the batch waits for company it will get no sooner by reading
+        requests as they come (True), or that this ended (False).
+
+        Then the batch goes when its wait ends, and every request arriving meanwhile would only be
+        queued: the model owner stops reading its front ends' links until the next `_kick` and
+        reads what came in one go. Read as they came, one small frame at a time, each woke the
+        owner's event loop (docs/serving.md).
+        """
+        if holding != self._holding:
+            self._holding = holding
+            if self.on_hold is not None:
+                self.on_hold(self, holding)
+
     def _check_idle(self) -> None:
         if self._idle is not None and not self._running and not self._queued_images:
             self._idle.set()
@@ -431,6 +467,9 @@ class Batcher:
     def _note_arrival(self, now: float) -> None:
         """Track the recent gap between requests (smoothed; idle periods count as 2x the delay)."""
         if self._last_arrival is not None:
+            # Requests read together from several front ends come out of order: one that arrived
+            # before the latest seen counts as a gap of 0, so the gaps still sum to the time span.
+            now = max(now, self._last_arrival)
             gap = min(now - self._last_arrival, 2 * self.config.max_queue_delay_us / 1e6)
             self._mean_gap = (
                 gap if self._mean_gap is None else self._mean_gap + GAP_SMOOTHING * (gap - self._mean_gap)

@@ -399,10 +399,16 @@ class DataPlane:
         self._slots = itertools.count()
         self._slot_keys: dict[int, tuple[str, str]] = {}
         self._routed: dict[int, LoadedModel] = {}  # the slots routed to as they are
+        # Told True when every model served holds its intake (Batcher.on_hold), False when one
+        # stops: the front ends' links are then left unread, or read again.
+        self.on_intake: Callable[[bool], None] | None = None
+        self._holding: set[Batcher] = set()
+        self._intake_held = False
 
     async def add(self, model: LoadedModel) -> LoadedModel | None:
         """Start `model`'s batcher and route requests to it; the model it replaces, if any."""
         await model.batcher.start()
+        model.batcher.on_hold = self._held
         model.ready = True
         model.slot = next(self._slots)
         self._slot_keys[model.slot] = (model.name, model.version)
@@ -412,6 +418,7 @@ class DataPlane:
         self._routed[model.slot] = model
         if replaced is not None:
             self._routed.pop(replaced.slot, None)
+        self._held(model.batcher, False)  # a model with nothing queued: no hold
         return replaced
 
     def remove(self, model: LoadedModel) -> None:
@@ -422,6 +429,18 @@ class DataPlane:
             del versions[model.version]
             if not versions:
                 del self._models[model.name]
+        self._held(model.batcher, False)
+
+    def _held(self, batcher: Batcher, holding: bool) -> None:
+        """Hold the intake while every model served waits for company that reading would not
+        bring sooner; one that does not (idle, or a request came for it) ends the hold."""
+        (self._holding.add if holding else self._holding.discard)(batcher)
+        served = {model.batcher for model in self._routed.values()}
+        held = bool(served) and served <= self._holding
+        if held != self._intake_held:
+            self._intake_held = held
+            if self.on_intake is not None:
+                self.on_intake(held)
 
     async def retire(self, model: LoadedModel, grace_s: float) -> bool:
         """Wait (up to `grace_s`) for `model`'s requests to finish, then close it; True when all did.

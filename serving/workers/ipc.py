@@ -34,6 +34,7 @@ import numpy as np
 
 ALIGN = 64  # block offsets: cache lines, and aligned for every dtype
 HEADER = struct.Struct("<IB")  # body length, kind
+RECEIVE_BYTES = 1 << 16
 
 
 class Kind(enum.IntEnum):
@@ -237,7 +238,11 @@ class Link(asyncio.Protocol):
     """
 
     def __init__(
-        self, on_records: RecordHandler, on_control: Callable[[Any], None], on_closed: Callable[[], None]
+        self,
+        on_records: RecordHandler,
+        on_control: Callable[[Any], None],
+        on_closed: Callable[[], None],
+        sock: socket.socket | None = None,
     ) -> None:
         self._on_records = on_records
         self._on_control = on_control
@@ -249,6 +254,8 @@ class Link(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._outgoing: list[tuple[Kind, list[Any]]] = []  # (kind, records) or (CONTROL, [message])
         self._flush_scheduled = False
+        self._sock = sock  # the transport's own socket: `resume_reading` reads it at once
+        self._paused = False
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -272,6 +279,31 @@ class Link(asyncio.Protocol):
                 self._on_control(pickle.loads(body))
             else:
                 self._on_records(Kind(kind), np.frombuffer(body, RECORDS[Kind(kind)]))
+
+    def pause_reading(self) -> None:
+        """Leave what the other side sends in the socket until `resume_reading` (the model owner,
+        while its batches wait: serving.engine.batcher.Batcher._hold)."""
+        if not self._paused and self._transport is not None and not self._transport.is_closing():
+            self._paused = True
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read again; what arrived while paused is read and handled before this returns, so the
+        caller decides with every record that came."""
+        if not self._paused:
+            return
+        self._paused = False
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._transport.resume_reading()
+        while self._sock is not None and not self.closed:
+            try:
+                data = self._sock.recv(RECEIVE_BYTES, socket.MSG_DONTWAIT)
+            except OSError:  # nothing more (EAGAIN), or an error the transport will see itself
+                return
+            if not data:  # the other side closed: the transport sees it too
+                return
+            self.data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -321,5 +353,7 @@ async def open_link(
     on_closed: Callable[[], None],
 ) -> Link:
     loop = asyncio.get_running_loop()
-    _, link = await loop.create_unix_connection(lambda: Link(on_records, on_control, on_closed), sock=sock)
+    _, link = await loop.create_unix_connection(
+        lambda: Link(on_records, on_control, on_closed, sock), sock=sock
+    )
     return link

@@ -80,6 +80,7 @@ class FrontEnds:
         self._stopping = False
         self._published = False
         self._restarts: set[asyncio.Task[None]] = set()
+        plane.on_intake = self._hold_intake
 
     def processes(self) -> dict[int, int]:
         """Each running front end's index -> its pid."""
@@ -174,6 +175,16 @@ class FrontEnds:
             assert fe.link is not None
             fe.link.send(ipc.Stop(grace_s))
         await asyncio.gather(*(self._reap(fe, grace_s + STOP_TIMEOUT_S) for fe in self._front_ends.values()))
+
+    def _hold_intake(self, hold: bool) -> None:
+        """Leave the front ends' records unread while every batch waits for company anyway
+        (DataPlane.on_intake); read all that came at once when that ends."""
+        for fe in self._live():
+            assert fe.link is not None
+            if hold:
+                fe.link.pause_reading()
+            else:
+                fe.link.resume_reading()
 
     def _live(self) -> list[_FrontEnd]:
         return [fe for fe in self._front_ends.values() if fe.link is not None and not fe.link.closed]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from serving.config import BatchingConfig
 from serving.engine.backends.instance import ModelInstance
 from serving.engine.batcher import FRUITLESS_SKIPS, Batcher, BatchRecord
+from serving.engine.service import DataPlane
 from serving.errors import (
     DeadlineExceeded,
     ExecutionTimeout,
@@ -250,6 +252,66 @@ async def test_adaptive_delay_skips_the_wait_when_no_company_is_due() -> None:
     assert (await waiting).ravel().tolist() == [2]
     assert rec.records[0].queue_s == (pytest.approx(0.3),)
     await dense.close()
+
+
+async def test_a_wait_that_will_not_fill_the_batch_holds_the_intake_until_the_next_decision() -> None:
+    """A batch waits for company and, at the recent arrival rate, will still be short when the
+    wait ends: the batcher tells `on_hold`, and the model owner leaves its front ends' links
+    unread. Every decision ends the hold first (what came meanwhile is read before it), so a
+    request put meanwhile still joins the batch. A rate that fills the batch in time holds nothing."""
+    clock, runner, rec = FakeClock(), Doubler(), Recorder()
+    b = await _started([runner], rec, clock, max_batch_size=8, max_queue_delay_us=300_000)
+    holds: list[bool] = []
+    b.on_hold = lambda batcher, held: holds.append(held)
+    for _ in range(3):  # one request every 100 ms: about 3 more during a 300 ms wait, short of 8
+        b._note_arrival(clock.now)
+        clock.now += 0.1
+    first = asyncio.create_task(b.submit(items(1)))
+    await _settle()
+    assert holds == [True] and not runner.entered.is_set()
+    answers: list[np.ndarray | None] = []
+    b.put(items(2), None, 0, lambda task, out, error: answers.append(out), arrived=clock.now - 0.05)
+    await _settle()
+    assert holds == [True, False, True]  # the put's decision: released, still short, held again
+    clock.now += 0.3  # the wait ends (when its 300 ms timer fires): released, and both go
+    assert (await first).ravel().tolist() == [2]
+    assert answers[0].ravel().tolist() == [4] and holds[-1] is False
+    assert [r.size for r in rec.records] == [2]
+    await b.close()
+
+    dense_runner, holds = Doubler(), []
+    dense = await _started([dense_runner], clock=clock, max_batch_size=8, max_queue_delay_us=300_000)
+    dense.on_hold = lambda batcher, held: holds.append(held)
+    for _ in range(3):  # one a millisecond: 300 more are due before the wait ends
+        dense._note_arrival(clock.now)
+        clock.now += 0.001
+    waiting = asyncio.create_task(dense.submit(items(1)))
+    await _settle()
+    assert not dense_runner.entered.is_set() and holds == []  # waits, reading on
+    clock.now += 0.3
+    await waiting
+    await dense.close()
+
+
+async def test_the_intake_is_held_only_while_every_model_served_holds() -> None:
+    plane, intake = DataPlane(), []
+    plane.on_intake = intake.append
+    one, two = await _started([Doubler()]), await _started([Doubler()])
+    models = [SimpleNamespace(name=name, version="1", batcher=b) for name, b in (("a", one), ("b", two))]
+    for model in models:
+        await plane.add(model)
+    plane._held(one, True)
+    assert intake == []  # "b" would take a request at once: keep reading
+    plane._held(two, True)
+    assert intake == [True]
+    plane._held(one, False)
+    plane._held(one, True)
+    assert intake == [True, False, True]
+    plane.remove(models[1])  # no longer served: "a" alone decides
+    plane._held(one, False)
+    assert intake == [True, False, True, False]
+    for batcher in (one, two):
+        await batcher.close()
 
 
 async def test_a_wait_nobody_joined_lets_the_next_batches_go_at_once() -> None:

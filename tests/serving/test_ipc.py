@@ -89,6 +89,30 @@ async def test_link_delivers_records_and_messages_in_order_one_frame_per_run() -
     receiver.close()
 
 
+async def test_a_paused_link_leaves_records_unread_until_resumed_then_handles_them_at_once() -> None:
+    """The owner pauses its links while a batch waits for company anyway: records sent meanwhile
+    stay in the socket, and resuming reads and handles every one of them before it returns."""
+    left, right = socket.socketpair()
+    got: list[int] = []
+    sender = await open_link(left, lambda k, r: None, lambda m: None, lambda: None)
+    receiver = await open_link(right, lambda k, r: got.extend(r.tolist()), lambda m: None, lambda: None)
+    receiver.pause_reading()
+    for request_id in range(5):
+        sender.add(ipc.Kind.DONE, request_id)
+        await asyncio.sleep(0.01)  # a frame each, as requests come
+    assert got == []
+    receiver.resume_reading()
+    assert got == [0, 1, 2, 3, 4]  # handled before resume_reading returned, in order
+    sender.add(ipc.Kind.DONE, 5)  # and read as usual again
+    for _ in range(500):
+        if got[-1] == 5:
+            break
+        await asyncio.sleep(0.01)
+    assert got == [0, 1, 2, 3, 4, 5]
+    sender.close()
+    receiver.close()
+
+
 def test_allocator_never_overlaps_and_fails_only_when_no_hole_fits() -> None:
     """Random allocations and frees, checked against the blocks handed out."""
     for seed in range(60):
