@@ -16,12 +16,15 @@ from a healthy one. Here `/healthz` is answered by the loop that serves the requ
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from serving.api.http import json_errors
 
@@ -30,38 +33,116 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LABELS = ("model", "version")
 
 
+class Tally:
+    """A counter child: a plain number, updated by one thread with no lock."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class Spread:
+    """A histogram child: bucket counts and a sum, updated by one thread with no lock."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # `le`: a bound holds its value
+        self.sum += value
+
+
+class LoopMetric:
+    """A Prometheus counter or histogram (`buckets` given) whose children are `Tally` or `Spread`:
+    plain numbers the event loop updates with no lock, read when scraped.
+
+    prometheus_client's own take a lock and a few calls per update; the model owner made eight
+    per request (requests by code, their durations, queue waits, batch figures), a quarter of
+    its event loop's Python under load (docs/serving.md). The scrape reads while the loop
+    writes: a bucket list is copied at once (under the GIL), so a histogram's count always
+    equals its +Inf bucket; its sum may lag an observation.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+        buckets: Sequence[float] | None = None,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.bounds = tuple(sorted(float(b) for b in buckets)) if buckets is not None else None
+        self._children: dict[tuple[str, ...], Tally | Spread] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> Tally | Spread:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+            child = Tally() if self.bounds is None else Spread(self.bounds)
+            self._children[values] = child
+        return child
+
+    def inc(self, amount: float = 1.0) -> None:
+        """For a counter without labels."""
+        self.labels().inc(amount)  # type: ignore[union-attr]
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for values, child in list(self._children.items()):
+            if isinstance(child, Tally):
+                family.add_metric(values, child.value)  # type: ignore[call-arg]
+                continue
+            counts, total, running = list(child.counts), child.sum, 0
+            buckets = []
+            for bound, count in zip((*child.bounds, float("inf")), counts, strict=True):
+                running += count
+                buckets.append((floatToGoString(bound), running))
+            family.add_metric(values, buckets, total)  # type: ignore[call-arg]
+        yield family
+
+    def _family(self) -> Metric:
+        if self.bounds is None:
+            return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+
 class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "hrnet_requests", "Inference requests by final gRPC status", (*LABELS, "code"), registry=r
+        # Updated per request or per batch, on the event loop: LoopMetric. The rest: prometheus_client.
+        self.requests = LoopMetric(
+            "hrnet_requests", "Inference requests by final gRPC status", (*LABELS, "code"), r
         )
-        self.request_seconds = Histogram(
-            "hrnet_request_duration_seconds",
-            "Arrival to response",
-            LABELS,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.request_seconds = LoopMetric(
+            "hrnet_request_duration_seconds", "Arrival to response", LABELS, r, LATENCY_BUCKETS
         )
-        self.queue_seconds = Histogram(
-            "hrnet_queue_duration_seconds",
-            "Time a request waited for its batch",
-            LABELS,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.queue_seconds = LoopMetric(
+            "hrnet_queue_duration_seconds", "Time a request waited for its batch", LABELS, r, LATENCY_BUCKETS
         )
-        self.compute_seconds = Histogram(
-            "hrnet_compute_duration_seconds",
-            "Backend time per batch",
-            LABELS,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.compute_seconds = LoopMetric(
+            "hrnet_compute_duration_seconds", "Backend time per batch", LABELS, r, LATENCY_BUCKETS
         )
-        self.batch_size = Histogram(
-            "hrnet_batch_size", "Images per executed batch", LABELS, buckets=BATCH_BUCKETS, registry=r
+        self.batch_size = LoopMetric(
+            "hrnet_batch_size", "Images per executed batch", LABELS, r, BATCH_BUCKETS
         )
-        self.images = Counter("hrnet_inference_images", "Images computed", LABELS, registry=r)
+        self.images = LoopMetric("hrnet_inference_images", "Images computed", LABELS, r)
         self.dropped = Counter(
             "hrnet_dropped_images",
             "Images dropped before compute (expired, cancelled, shutdown)",
@@ -78,20 +159,20 @@ class ServerMetrics:
             (*LABELS, "backend", "precision"),
             registry=r,
         )
-        self.frontend_requests = Counter(
+        self.frontend_requests = LoopMetric(
             "hrnet_frontend_requests",
             "Inference requests handed to the models by each front-end process (--workers > 1)",
             ("worker",),
-            registry=r,
+            r,
         )
         self.frontend_restarts = Counter(
             "hrnet_frontend_restarts", "Front-end processes that died and were replaced", registry=r
         )
-        self.padding = Counter(
+        self.padding = LoopMetric(
             "hrnet_padding_images",
             "Zero rows computed to pad batches up to a bucket (work spent on no request)",
             LABELS,
-            registry=r,
+            r,
         )
         self.warmup_seconds = Gauge(
             "hrnet_model_warmup_seconds",
