@@ -278,7 +278,8 @@ class Link(asyncio.Protocol):
             if kind == Kind.CONTROL:
                 self._on_control(pickle.loads(body))
             else:
-                self._on_records(Kind(kind), np.frombuffer(body, RECORDS[Kind(kind)]))
+                records = Kind(kind)
+                self._on_records(records, np.frombuffer(body, RECORDS[records]))
 
     def pause_reading(self) -> None:
         """Leave what the other side sends in the socket until `resume_reading` (the model owner,
@@ -304,6 +305,8 @@ class Link(asyncio.Protocol):
             if not data:  # the other side closed: the transport sees it too
                 return
             self.data_received(data)
+            if len(data) < RECEIVE_BYTES:  # a short read: nothing more was waiting
+                return
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

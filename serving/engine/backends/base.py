@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -42,8 +42,7 @@ class TensorSpec:
 SMOOTHING = 0.1  # weight of the newest measurement in `run`'s running means
 
 
-@dataclass(frozen=True)
-class Span:
+class Span(NamedTuple):
     """Parts of a batch that lie back to back in one buffer: `rows` as one array, and the parts'
     indices in the batch, in the order they lie."""
 
@@ -58,35 +57,41 @@ def spans(parts: Sequence[np.ndarray]) -> list[Span]:
     its requests is one span and a batch from two front ends two, however the requests
     interleaved on the way. Views of one buffer (their common `base`) only: an array of its own
     ends its span. A span of several parts is a view inside their buffer, which keeps it alive.
+    Runs on the instance thread for every batch, holding the GIL the event loop wants: kept to
+    a few attribute reads per part.
     """
     address = [p.ctypes.data for p in parts]
+    order = sorted(range(len(parts)), key=address.__getitem__)
     runs: list[list[int]] = []
+    first = parts[order[0]]
+    joinable = False  # whether parts may join the current run: views of one buffer, contiguous
     end = -1
-    for i in sorted(range(len(parts)), key=address.__getitem__):
-        part, first = parts[i], parts[runs[-1][0]] if runs else None
+    for i in order:
+        part = parts[i]
         if (
-            first is None
-            or address[i] != end
-            or part.base is None
-            or part.base is not first.base
-            or part.dtype != first.dtype
-            or part.shape[1:] != first.shape[1:]
-            or not (part.flags.c_contiguous and first.flags.c_contiguous)
+            joinable
+            and address[i] == end
+            and part.base is first.base
+            and part.dtype == first.dtype
+            and part.shape[1:] == first.shape[1:]
+            and part.flags.c_contiguous
         ):
-            runs.append([i])
-        else:
             runs[-1].append(i)
+        else:
+            runs.append([i])
+            first = part
+            joinable = part.base is not None and part.flags.c_contiguous
         end = address[i] + part.nbytes
     out = []
     for run in runs:
-        first = parts[run[0]]
-        rows = sum(len(parts[i]) for i in run)
-        view = (
-            first
-            if len(run) == 1
-            else as_strided(first, (rows, *first.shape[1:]), first.strides, writeable=False)
-        )
-        out.append(Span(view, tuple(run)))
+        head = parts[run[0]]
+        if len(run) == 1:
+            out.append(Span(head, (run[0],)))
+        else:
+            rows = sum(len(parts[i]) for i in run)
+            out.append(
+                Span(as_strided(head, (rows, *head.shape[1:]), head.strides, writeable=False), tuple(run))
+            )
     return out
 
 

@@ -61,6 +61,9 @@ class ModelInstance:
         self.ready: Future[BatchRunner] = Future()
         self.closed: Future[None] = Future()
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        # Set before the jobs given so far are failed; read per job, where the Future's `done()`
+        # and `exception()` took its lock twice per batch.
+        self._failed: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name=f"{name}#{next(_generation)}", daemon=True)
         self._thread.start()
 
@@ -88,9 +91,8 @@ class ModelInstance:
 
     def _put(self, job: Job) -> None:
         self._jobs.put(job)
-        failed = self.ready.exception() if self.ready.done() else None
-        if failed is not None:  # no thread left to run it
-            self._fail_pending(failed)
+        if self._failed is not None:  # no thread left to run it
+            self._fail_pending(self._failed)
 
     def replacement(self) -> ModelInstance:
         """A fresh instance of the same model: a new thread that loads and warms up its own backend."""
@@ -107,6 +109,7 @@ class ModelInstance:
         try:
             backend = self._setup()
         except BaseException as exc:  # the loader's error belongs to whoever awaits `ready`
+            self._failed = exc
             if self.ready.set_running_or_notify_cancel():
                 self.ready.set_exception(exc)
             self._fail_pending(exc)
