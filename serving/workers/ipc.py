@@ -28,7 +28,7 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -230,19 +230,24 @@ class Allocator:
 RecordHandler = Callable[[Kind, np.ndarray], None]
 
 
-class Link(asyncio.Protocol):
+class Link:
     """Records and control messages both ways over a stream socket, sent once per loop turn.
 
     `on_records(kind, array)`, `on_control(message)` and `on_closed()` run on the event loop.
     Order is kept: frames go out in the order their first item was added.
+
+    The socket is read and written here, with the loop's add_reader and add_writer, not through
+    a transport: pausing a uvloop transport leaves its socket in epoll until the next byte
+    arrives, which wakes the loop only to take it out, once per link and pause, and the model
+    owner pauses its links for every batch (`pause_reading`). remove_reader takes it out at once.
     """
 
     def __init__(
         self,
+        sock: socket.socket,
         on_records: RecordHandler,
         on_control: Callable[[Any], None],
         on_closed: Callable[[], None],
-        sock: socket.socket | None = None,
     ) -> None:
         self._on_records = on_records
         self._on_control = on_control
@@ -250,16 +255,15 @@ class Link(asyncio.Protocol):
         # Kept: asyncio.get_running_loop() makes a getpid() system call each time (its fork check
         # in Python 3.11), about 0.1 us here, and `add` runs once per request.
         self.loop = asyncio.get_running_loop()
-        self._buffer = bytearray()
-        self._transport: asyncio.Transport | None = None
+        sock.setblocking(False)
+        self._sock = sock
+        self._buffer = bytearray()  # received bytes not yet a whole frame
+        self._unsent = bytearray()  # frames the socket had no room for yet
         self._outgoing: list[tuple[Kind, list[Any]]] = []  # (kind, records) or (CONTROL, [message])
         self._flush_scheduled = False
-        self._sock = sock  # the transport's own socket: `resume_reading` reads it at once
-        self._paused = False
+        self._reading = False
+        self._closing = False  # close() was called: the socket closes once `_unsent` is out
         self.closed = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is one, not a subclass
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -284,33 +288,35 @@ class Link(asyncio.Protocol):
     def pause_reading(self) -> None:
         """Leave what the other side sends in the socket until `resume_reading` (the model owner,
         while its batches wait: serving.engine.batcher.Batcher._hold)."""
-        if not self._paused and self._transport is not None and not self._transport.is_closing():
-            self._paused = True
-            self._transport.pause_reading()
+        if self._reading:
+            self._reading = False
+            self.loop.remove_reader(self._sock)
 
     def resume_reading(self) -> None:
         """Read again; what arrived while paused is read and handled before this returns, so the
         caller decides with every record that came."""
-        if not self._paused:
-            return
-        self._paused = False
-        if self._transport is None or self._transport.is_closing():
-            return
-        self._transport.resume_reading()
-        while self._sock is not None and not self.closed:
+        if not self._reading and not self._closing and not self.closed:
+            self._read()
+            if not self.closed:
+                self._reading = True
+                self.loop.add_reader(self._sock, self._read)
+
+    def _read(self) -> None:
+        """Everything the socket holds now, handed to `data_received`; EOF or an error closes."""
+        while not self.closed:
             try:
-                data = self._sock.recv(RECEIVE_BYTES, socket.MSG_DONTWAIT)
-            except OSError:  # nothing more (EAGAIN), or an error the transport will see itself
+                data = self._sock.recv(RECEIVE_BYTES)
+            except (BlockingIOError, InterruptedError):
                 return
-            if not data:  # the other side closed: the transport sees it too
+            except OSError:
+                self._lost()
+                return
+            if not data:
+                self._lost()
                 return
             self.data_received(data)
             if len(data) < RECEIVE_BYTES:  # a short read: nothing more was waiting
                 return
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._on_closed()
 
     def add(self, kind: Kind, record: Any) -> None:
         """Queue one record (a tuple of the kind's fields; an int for DONE) for this loop turn."""
@@ -333,7 +339,7 @@ class Link(asyncio.Protocol):
     def flush(self) -> None:
         self._flush_scheduled = False
         outgoing, self._outgoing = self._outgoing, []
-        if self.closed or self._transport is None or self._transport.is_closing():
+        if self.closed or self._closing or not outgoing:
             return
         chunks = []
         for kind, items in outgoing:
@@ -342,11 +348,58 @@ class Link(asyncio.Protocol):
             else:
                 body = np.array(items, RECORDS[kind]).tobytes()
             chunks += [HEADER.pack(len(body), kind), body]
-        self._transport.write(b"".join(chunks))
+        self._write(b"".join(chunks))
+
+    def _write(self, data: bytes) -> None:
+        if self._unsent:  # waiting for room already: behind what waits
+            self._unsent += data
+            return
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._lost()
+            return
+        if sent < len(data):
+            self._unsent += data[sent:]
+            self.loop.add_writer(self._sock, self._writable)
+
+    def _writable(self) -> None:
+        try:
+            sent = self._sock.send(self._unsent)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._lost()
+            return
+        del self._unsent[:sent]
+        if not self._unsent:
+            self.loop.remove_writer(self._sock)
+            if self._closing:
+                self._lost()
 
     def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
+        """Close once what was flushed is sent; `on_closed` runs soon after, as for a transport."""
+        self.flush()
+        if self.closed or self._closing:
+            return
+        self._closing = True
+        self.pause_reading()
+        if not self._unsent:
+            self.loop.call_soon(self._lost)
+
+    def _lost(self) -> None:
+        """The link is closed (by either side, or an error): release the socket, tell `on_closed` once."""
+        if self.closed:
+            return
+        self.closed = True
+        self._reading = False
+        for remove in (self.loop.remove_reader, self.loop.remove_writer):
+            with contextlib.suppress(ValueError, OSError, RuntimeError):  # the loop may be closed
+                remove(self._sock)
+        self._sock.close()
+        self._on_closed()
 
 
 async def open_link(
@@ -355,8 +408,6 @@ async def open_link(
     on_control: Callable[[Any], None],
     on_closed: Callable[[], None],
 ) -> Link:
-    loop = asyncio.get_running_loop()
-    _, link = await loop.create_unix_connection(
-        lambda: Link(on_records, on_control, on_closed, sock), sock=sock
-    )
+    link = Link(sock, on_records, on_control, on_closed)
+    link.resume_reading()
     return link
