@@ -400,15 +400,15 @@ class DataPlane:
         self._slot_keys: dict[int, tuple[str, str]] = {}
         self._routed: dict[int, LoadedModel] = {}  # the slots routed to as they are
         # Told True when every model served holds its intake (Batcher.on_hold), False when one
-        # stops: the front ends' links are then left unread, or read again.
-        self.on_intake: Callable[[bool], None] | None = None
+        # stops: the front ends' links are then left unread, or read again (`watch_intake`).
+        self._on_intake: Callable[[bool], None] | None = None
         self._holding: set[Batcher] = set()
         self._intake_held = False
 
     async def add(self, model: LoadedModel) -> LoadedModel | None:
         """Start `model`'s batcher and route requests to it; the model it replaces, if any."""
         await model.batcher.start()
-        model.batcher.on_hold = self._held
+        model.batcher.on_hold = self._held if self._on_intake is not None else None
         model.ready = True
         model.slot = next(self._slots)
         self._slot_keys[model.slot] = (model.name, model.version)
@@ -431,6 +431,15 @@ class DataPlane:
                 del self._models[model.name]
         self._held(model.batcher, False)
 
+    def watch_intake(self, on_intake: Callable[[bool], None]) -> None:
+        """Call `on_intake(True)` while every model served waits for company that reading its
+        requests now would not bring sooner, and `on_intake(False)` when one stops (whoever reads
+        requests from elsewhere: the front ends' links). Only then do batchers report holds."""
+        self._on_intake = on_intake
+        for versions in self._models.values():
+            for model in versions.values():
+                model.batcher.on_hold = self._held
+
     def _held(self, batcher: Batcher, holding: bool) -> None:
         """Hold the intake while every model served waits for company that reading would not
         bring sooner; one that does not (idle, or a request came for it) ends the hold."""
@@ -439,8 +448,8 @@ class DataPlane:
         held = bool(served) and served <= self._holding
         if held != self._intake_held:
             self._intake_held = held
-            if self.on_intake is not None:
-                self.on_intake(held)
+            if self._on_intake is not None:
+                self._on_intake(held)
 
     async def retire(self, model: LoadedModel, grace_s: float) -> bool:
         """Wait (up to `grace_s`) for `model`'s requests to finish, then close it; True when all did.

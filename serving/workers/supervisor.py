@@ -80,7 +80,7 @@ class FrontEnds:
         self._stopping = False
         self._published = False
         self._restarts: set[asyncio.Task[None]] = set()
-        plane.on_intake = self._hold_intake
+        plane.watch_intake(self._hold_intake)
 
     def processes(self) -> dict[int, int]:
         """Each running front end's index -> its pid."""
@@ -178,7 +178,7 @@ class FrontEnds:
 
     def _hold_intake(self, hold: bool) -> None:
         """Leave the front ends' records unread while every batch waits for company anyway
-        (DataPlane.on_intake); read all that came at once when that ends."""
+        (DataPlane.watch_intake); read all that came at once when that ends."""
         for fe in self._live():
             assert fe.link is not None
             if hold:

@@ -295,7 +295,7 @@ async def test_a_wait_that_will_not_fill_the_batch_holds_the_intake_until_the_ne
 
 async def test_the_intake_is_held_only_while_every_model_served_holds() -> None:
     plane, intake = DataPlane(), []
-    plane.on_intake = intake.append
+    plane.watch_intake(intake.append)
     one, two = await _started([Doubler()]), await _started([Doubler()])
     models = [SimpleNamespace(name=name, version="1", batcher=b) for name, b in (("a", one), ("b", two))]
     for model in models:
