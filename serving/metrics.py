@@ -95,10 +95,6 @@ class LoopMetric:
             self._children[values] = child
         return child
 
-    def inc(self, amount: float = 1.0) -> None:
-        """For a counter without labels."""
-        self.labels().inc(amount)  # type: ignore[union-attr]
-
     def describe(self) -> list[Metric]:
         return [self._family()]
 

@@ -261,7 +261,7 @@ def test_requests_back_to_back_in_one_buffer_are_read_in_place(model_repo) -> No
             joined = np.concatenate(parts)
             np.testing.assert_allclose(backend.run(parts, 4), backend.infer(joined), rtol=1e-5, atol=1e-5)
             assert backend._batch is None  # one span, read in place
-        assert backend._call_s < float("inf")
+        assert backend._call_s is not None and backend._call_s < float("inf")
         several = (
             [arena[0:1], arena[2:4]],  # a gap
             [arena[3:4], arena[0:1].copy(), arena[1:3]],  # another buffer

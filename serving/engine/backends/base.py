@@ -42,6 +42,11 @@ class TensorSpec:
 SMOOTHING = 0.1  # weight of the newest measurement in `run`'s running means
 
 
+def _smoothed(mean: float | None, value: float) -> float:
+    """The running mean with `value` in it; the first value (`mean` None) stands alone."""
+    return value if mean is None else mean + SMOOTHING * (value - mean)
+
+
 class Span(NamedTuple):
     """Parts of a batch that lie back to back in one buffer: `rows` as one array, and the parts'
     indices in the batch, in the order they lie."""
@@ -114,8 +119,8 @@ class Backend(ABC):
         self.output: TensorSpec | None = None
         self.metadata: ModelMetadata | None = None  # the model card the file carries, if any
         self._batch: np.ndarray | None = None  # the reusable input buffer of `run`
-        self._call_s = float("inf")  # one runtime call's recent seconds (smoothed): none yet
-        self._copy_s_per_byte = 0.0  # copying parts into the buffer (smoothed): none yet
+        self._call_s: float | None = None  # one runtime call's recent seconds (smoothed)
+        self._copy_s_per_byte: float | None = None  # copying parts into the buffer (smoothed)
 
     @abstractmethod
     def load(self) -> None:
@@ -147,9 +152,8 @@ class Backend(ABC):
             raise ValueError(f"a batch of {real} rows cannot run as {rows}")
         if real == rows:
             runs = spans(parts)
-            nbytes = sum(p.nbytes for p in parts)
             if all(self._reads_in_place(span.rows) for span in runs) and (
-                len(runs) == 1 or (len(runs) - 1) * self._call_s < nbytes * self._copy_s_per_byte
+                len(runs) == 1 or self._splitting_pays(len(runs), sum(p.nbytes for p in parts))
             ):
                 return self._run_in_place(parts, runs, real)
         batch = self._buffer(rows, parts[0].shape[1:])
@@ -158,23 +162,30 @@ class Backend(ABC):
         batch[real:] = 0
         copied = time.perf_counter()
         logits = np.array(self.compute(batch)[:real], dtype=np.float32)
-        self._copy_s_per_byte += SMOOTHING * ((copied - started) / batch.nbytes - self._copy_s_per_byte)
-        self._note_call(time.perf_counter() - copied)
+        self._copy_s_per_byte = _smoothed(self._copy_s_per_byte, (copied - started) / batch.nbytes)
+        self._call_s = _smoothed(self._call_s, time.perf_counter() - copied)
         return logits
+
+    def _splitting_pays(self, spans: int, nbytes: int) -> bool:
+        """Whether `spans` - 1 more runtime calls cost less than copying `nbytes`, as measured
+        (not yet measured: no)."""
+        if self._call_s is None or self._copy_s_per_byte is None:
+            return False
+        return (spans - 1) * self._call_s < nbytes * self._copy_s_per_byte
 
     def _run_in_place(self, parts: Sequence[np.ndarray], runs: list[Span], real: int) -> np.ndarray:
         """One `infer` per span; the logits in the parts' batch order."""
         if len(runs) == 1 and runs[0].parts == tuple(range(len(parts))):
             started = time.perf_counter()
             logits = np.asarray(self.infer(runs[0].rows), dtype=np.float32)
-            self._note_call(time.perf_counter() - started)
+            self._call_s = _smoothed(self._call_s, time.perf_counter() - started)
             return logits
         starts = list(itertools.accumulate((len(p) for p in parts), initial=0))
         out: np.ndarray | None = None
         for span in runs:
             started = time.perf_counter()
             logits = self.infer(span.rows)
-            self._note_call(time.perf_counter() - started)
+            self._call_s = _smoothed(self._call_s, time.perf_counter() - started)
             if out is None:
                 out = np.empty((real, *logits.shape[1:]), np.float32)
             row = 0
@@ -184,11 +195,6 @@ class Backend(ABC):
                 row += n
         assert out is not None
         return out
-
-    def _note_call(self, seconds: float) -> None:
-        self._call_s = (
-            seconds if self._call_s == float("inf") else self._call_s + SMOOTHING * (seconds - self._call_s)
-        )
 
     def _reads_in_place(self, part: np.ndarray) -> bool:
         """Whether `infer` can take `part` as it is, with no copy of ours: the input dtype, one
