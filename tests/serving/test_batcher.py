@@ -341,6 +341,32 @@ async def test_a_wait_nobody_joined_lets_the_next_batches_go_at_once() -> None:
     await batcher.close()
 
 
+async def test_one_wait_nobody_joined_after_fruitful_ones_is_chance() -> None:
+    """Under load from many callers a wait gains nothing now and then by chance: where waits have
+    brought company, the next request after a fruitless one still waits, as the rate says."""
+    clock, runner, rec = FakeClock(), Doubler(), Recorder()
+    batcher = await _started([runner], rec, clock, max_batch_size=8, max_queue_delay_us=20_000)
+    for _ in range(3):
+        batcher._note_arrival(clock.now)
+        clock.now += 0.010
+    first = asyncio.create_task(batcher.submit(items(1)))
+    await _settle()
+    clock.now += 0.010
+    joins = asyncio.create_task(batcher.submit(items(1)))  # company, as the rate said
+    await _settle()
+    clock.now += 0.010
+    await asyncio.gather(first, joins)
+    for done in (1, 2):  # then a wait nobody joins, and the next request
+        clock.now += 0.010
+        waiting = asyncio.create_task(batcher.submit(items(1)))
+        await _settle()
+        assert not waiting.done() and len(rec.records) == done  # each waits for company
+        clock.now += 0.020
+        await waiting
+    assert [r.requests for r in rec.records] == [2, 1, 1]
+    await batcher.close()
+
+
 async def test_a_closed_loop_forms_full_batches_with_one_instance() -> None:
     """16 callers, each sending its next request when its answer comes; one instance whose batch
     computes longer than the queue delay. Counted from the oldest arrival, the delay had always
