@@ -295,10 +295,13 @@ class ImagePreprocessor:
         Returns only when no pool thread writes into `out` any more, also when cancelled, so the
         caller may reuse `out` (a shared-memory slot) at once.
         """
-        await asyncio.get_running_loop().run_in_executor(self._pool, self.check_headers, images)
         size = self.spec.input_size
         batch = np.empty((len(images), 3, size, size), np.float32) if out is None else out
-        futures = [self._pool.submit(self._into, data, batch, i) for i, data in enumerate(images)]
+        if len(images) == 1:  # most requests: the checks and the decode in one job, one thread hop
+            futures = [self._pool.submit(self._checked_into, images[0], batch)]
+        else:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self.check_headers, images)
+            futures = [self._pool.submit(self._into, data, batch, i) for i, data in enumerate(images)]
         try:
             if futures:
                 await asyncio.wait([asyncio.wrap_future(f) for f in futures])
@@ -313,6 +316,12 @@ class ImagePreprocessor:
             if error is not None:
                 raise error
         return batch
+
+    def _checked_into(self, data: bytes, batch: np.ndarray) -> Exception | None:
+        """The only image of a request: its header checks (raised, as `check_headers` words them),
+        then its decode into row 0 (`_into`)."""
+        self.check_headers([data])
+        return self._into(data, batch, 0)
 
     def _into(self, data: bytes, batch: np.ndarray, index: int) -> Exception | None:
         """Decode one image into its row; its error is returned, so none is left unretrieved."""
