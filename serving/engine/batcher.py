@@ -314,16 +314,18 @@ class Batcher:
         priority: int,
         on_done: OnDone,
         ref: Any = None,
-        arrived: float | None = None,
     ) -> _Task:
         """Queue `items` (N <= max_batch_size rows, admitted with `admit`) without a coroutine:
         `on_done(task, outputs, error)` runs on the loop when it ends, after its batch has read
-        `items`. `withdraw` takes it back while it is still queued. `arrived`: when the request
-        reached the server (a `clock()` time), if earlier than now: the arrival rate counts it."""
+        `items`. `withdraw` takes it back while it is still queued.
+
+        The arrival rate counts when the batcher got the request, as the waits do, not a front
+        end's stamp: a JPEG comes 2 ms of decoding after its stamp, and by the stamps the next
+        request would always look due before the wait ends, and even a lone one would wait it out."""
         if not 1 <= len(items) <= self.config.max_batch_size:
             raise ValueError(f"put takes 1..max_batch_size rows, got {len(items)}")
         now = self._clock()
-        self._note_arrival(now if arrived is None else min(arrived, now))
+        self._note_arrival(now)
         return self._enqueue(_Task(items, now, deadline, on_done=on_done, ref=ref), priority)
 
     def withdraw(self, task: _Task, expired: bool) -> None:
@@ -478,9 +480,6 @@ class Batcher:
     def _note_arrival(self, now: float) -> None:
         """Track the recent gap between requests (smoothed; idle periods count as 2x the delay)."""
         if self._last_arrival is not None:
-            # Requests read together from several front ends come out of order: one that arrived
-            # before the latest seen counts as a gap of 0, so the gaps still sum to the time span.
-            now = max(now, self._last_arrival)
             gap = min(now - self._last_arrival, 2 * self.config.max_queue_delay_us / 1e6)
             self._mean_gap = (
                 gap if self._mean_gap is None else self._mean_gap + GAP_SMOOTHING * (gap - self._mean_gap)

@@ -270,7 +270,7 @@ async def test_a_wait_that_will_not_fill_the_batch_holds_the_intake_until_the_ne
     await _settle()
     assert holds == [True] and not runner.entered.is_set()
     answers: list[np.ndarray | None] = []
-    b.put(items(2), None, 0, lambda task, out, error: answers.append(out), arrived=clock.now - 0.05)
+    b.put(items(2), None, 0, lambda task, out, error: answers.append(out))
     await _settle()
     assert holds == [True, False, True]  # the put's decision: released, still short, held again
     clock.now += 0.3  # the wait ends (when its 300 ms timer fires): released, and both go
