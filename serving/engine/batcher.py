@@ -321,7 +321,7 @@ class Batcher:
 
         The arrival rate counts when the batcher got the request, as the waits do, not a front
         end's stamp: a JPEG comes 2 ms of decoding after its stamp, and by the stamps the next
-        request would always look due before the wait ends, and even a lone one would wait it out."""
+        request would always look due before the wait ends, so even a lone one would wait it out."""
         if not 1 <= len(items) <= self.config.max_batch_size:
             raise ValueError(f"put takes 1..max_batch_size rows, got {len(items)}")
         now = self._clock()
