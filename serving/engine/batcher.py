@@ -308,12 +308,7 @@ class Batcher:
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
     def put(
-        self,
-        items: np.ndarray,
-        deadline: float | None,
-        priority: int,
-        on_done: OnDone,
-        ref: Any = None,
+        self, items: np.ndarray, deadline: float | None, priority: int, on_done: OnDone, ref: Any = None
     ) -> _Task:
         """Queue `items` (N <= max_batch_size rows, admitted with `admit`) without a coroutine:
         `on_done(task, outputs, error)` runs on the loop when it ends, after its batch has read
