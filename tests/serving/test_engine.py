@@ -290,6 +290,9 @@ def test_spans_group_parts_by_where_they_lie() -> None:
     np.testing.assert_array_equal(runs[0, 2], buffer[4:7])
     assert np.shares_memory(runs[0, 2], buffer) and not runs[0, 2].flags.writeable
     assert sorted(run.parts for run in spans([buffer[0:2], buffer[2:4].astype(np.float64)])) == [(0,), (1,)]
+    # Rows back to back in a buffer numpy cannot see as bytes (a Fortran-ordered one) stay apart.
+    transposed = np.asfortranarray(np.arange(8 * 3, dtype=np.float32).reshape(3, 8)).T
+    assert [run.parts for run in spans([transposed[0:2], transposed[2:4]])] == [(0,), (1,)]
 
 
 def test_padded_server_answers_like_direct_onnxruntime(one_model, start_server) -> None:
