@@ -97,6 +97,13 @@ class Level:
         return f"{n} caller{'s' if n != 1 else ''}" if n else f"{self.rate:g} req/s"
 
 
+def in_turn(items: Sequence[Any], turn: int) -> list[Any]:
+    """`items` in order on even turns, reversed on odd ones (A B, B A, A B, ...): a drift of the
+    machine during a run falls on every setting alike, and none is always measured first or
+    right after another (`benchmarks/paired.py` swaps its pairs the same way)."""
+    return list(items) if turn % 2 == 0 else list(reversed(items))
+
+
 class Probe(Protocol):
     """Something read at the start and the end of the measured window (a server's statistics)."""
 

@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import io
+import itertools
 import os
 import shlex
 import socket
@@ -45,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.loadgen import Level, LoadGenerator, Measured, Workload
+from benchmarks.loadgen import Level, LoadGenerator, Measured, Workload, in_turn
 from benchmarks.machine import this_machine
 from benchmarks.modes import command_line
 from benchmarks.near_free import CLASSES, near_free_model
@@ -372,15 +373,15 @@ def run(args: argparse.Namespace) -> Report:
         model = near_free_model(Path(tmp) / "near_free" / "model.onnx", args.size)
         for repeat in range(args.repeats):
             for payload in args.payloads:
-                for serve_workers in args.serve_workers:
-                    for loop in args.event_loops:
-                        row = measure(model, payload, serve_workers, generator, level, args.size, flags, loop)
-                        rows.append(row)
-                        print(
-                            f"[{repeat + 1}/{args.repeats}] {payload} --workers {serve_workers} "
-                            f"{row.event_loop}: {row.req_s:.0f} req/s, owner {row.owner_total_ms:.3f} ms/req",
-                            file=sys.stderr,
-                        )
+                settings = itertools.product(args.serve_workers, args.event_loops)
+                for serve_workers, loop in in_turn(list(settings), repeat):
+                    row = measure(model, payload, serve_workers, generator, level, args.size, flags, loop)
+                    rows.append(row)
+                    print(
+                        f"[{repeat + 1}/{args.repeats}] {payload} --workers {serve_workers} "
+                        f"{row.event_loop}: {row.req_s:.0f} req/s, owner {row.owner_total_ms:.3f} ms/req",
+                        file=sys.stderr,
+                    )
     alone = [
         owner_alone(args.size, k, args.owner_requests, loop)
         for k in args.owner_alone

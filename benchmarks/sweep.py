@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks.ceiling import Ceiling
-from benchmarks.loadgen import Level, LoadGenerator, Measured, Workload
+from benchmarks.loadgen import Level, LoadGenerator, Measured, Workload, in_turn
 from benchmarks.protocol import KSERVE, ModelInfo
 from benchmarks.protocol import api as make_api
 from benchmarks.targets import Target, gpu_probe, window_probes
@@ -185,14 +185,15 @@ def run(
     levels: Sequence[Level],
     ceiling: Ceiling | None,
 ) -> list[TargetResult]:
-    """Every level against every target, interleaved; ratios against the ceiling's best img/s."""
+    """Every level against every target, interleaved, the targets' order swapped from level to
+    level (`in_turn`); ratios against the ceiling's best img/s."""
     results = {t.label: TargetResult(t.label, t.address, t.model.name, t.settings) for t in targets}
     for target in targets:
         generator.add_target(target.label, target.address, workloads[target.label])
     ceiling_img_s = ceiling.best.img_s if ceiling else None
     with gpu_probe() as gpus, tqdm(total=len(levels) * len(targets), unit="level", disable=None) as bar:
-        for level in levels:
-            for target in targets:
+        for turn, level in enumerate(levels):
+            for target in in_turn(targets, turn):
                 bar.set_description(f"{target.label}, {level.label}")
                 probes = window_probes(target, gpus)
                 result = LevelResult.of(generator.run(target.label, level, probes), ceiling_img_s)

@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from benchmarks.loadgen import in_turn
 from benchmarks.near_free import near_free_model
 from benchmarks.overhead import ROLES, role
 from hrnet.cli import main
@@ -39,6 +40,13 @@ def test_threads_are_attributed_by_their_kernel_names() -> None:
 
 
 @pytest.mark.slow
+def test_repeats_take_the_settings_in_turns() -> None:
+    """No setting is always measured first: the order reverses from one repeat to the next."""
+    settings = [(1, "uvloop"), (1, "asyncio"), (2, "uvloop")]
+    assert in_turn(settings, 0) == settings and in_turn(settings, 2) == settings
+    assert in_turn(settings, 1) == [(2, "uvloop"), (1, "asyncio"), (1, "uvloop")]
+
+
 def test_one_and_two_processes_measured_split_and_reported(tmp_path: Path, capsys) -> None:
     out = tmp_path / "report"
     args = ["bench", "overhead", "--serve-workers", "1,2", "--payloads", "fp32,jpeg", "--size", "32"]
