@@ -35,6 +35,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
+from core.scheduling import yield_on_wakeup
 from protos import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2
 from serving import event_loop
 from serving.api import auth
@@ -511,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    yield_on_wakeup()  # before gRPC and the decoding pool start threads, which inherit it
     return event_loop.run(FrontEnd(args.link, args.arena, args.index).run(), args.event_loop)
 
 

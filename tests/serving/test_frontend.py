@@ -229,9 +229,15 @@ def _runs_uvloop(pid: int) -> bool:
     return "uvloop/loop." in Path(f"/proc/{pid}/maps").read_text()
 
 
+def _policies(pid: int) -> set[int]:
+    """The scheduling policies of the process's threads."""
+    return {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
 def test_the_owner_and_its_workers_run_uvloop_unless_asked_for_asyncio(repo) -> None:
     """event_loop auto (the default) puts every process on uvloop; asyncio keeps the standard
-    loop everywhere; both give the same logits."""
+    loop everywhere; both give the same logits. Every thread of a worker runs under SCHED_BATCH
+    (core/scheduling.py), every thread of the owner as it was started."""
     model = repo / "hrnet" / "1" / "model.onnx"
     batch = np.random.default_rng(3).normal(0, 1, SHAPE).astype(np.float32)
     answers = []
@@ -241,6 +247,7 @@ def test_the_owner_and_its_workers_run_uvloop_unless_asked_for_asyncio(repo) -> 
             processes = [server.proc.pid, *children(server.proc.pid)]
             assert len(processes) == 3
             assert [_runs_uvloop(pid) for pid in processes] == [on_uvloop] * 3
+            assert [_policies(pid) for pid in processes] == [{os.SCHED_OTHER}, *[{os.SCHED_BATCH}] * 2]
             answers.append(_infer_alone(server.address, batch))
             kind = "uvloop" if on_uvloop else "asyncio"
             assert f"event_loop={kind}" in server.log_path.read_text()
