@@ -4,9 +4,10 @@ The model owner hands each front-end process its answers, and the front ends wak
 request the network brings. Under Linux's fair scheduler a task woken on a busy core usually
 takes that core at once (wake-up preemption): the owner's event loop, having sent a front end
 its answers, was put aside mid-turn for the front end to run (under JPEG load on 2 busy cores
-such a send took 116 us of the owner's wall time, for a few us of work). A task under SCHED_BATCH gets the same share of the CPU (its nice
-value is unchanged) but does not preempt on waking: it runs when the core's current task blocks
-or its slice ends. Where a core is idle nothing changes: a woken task goes there.
+such a send took 116 us of the owner's wall time, for a few us of work). A task under
+SCHED_BATCH gets the same share of the CPU (its nice value is unchanged) but does not preempt
+on waking: it runs when the core's current task blocks or its slice ends. Where a core is idle
+nothing changes: a woken task goes there.
 
 Front ends are the throughput work of the server (parsing, decoding); the owner feeds the
 accelerator and should never wait for them, so front ends run under SCHED_BATCH and the owner's
