@@ -39,7 +39,6 @@ def test_threads_are_attributed_by_their_kernel_names() -> None:
     assert role(103, 100, "grpc_global_tim") == "other_threads"
 
 
-@pytest.mark.slow
 def test_repeats_take_the_settings_in_turns() -> None:
     """No setting is always measured first: the order reverses from one repeat to the next."""
     settings = [(1, "uvloop"), (1, "asyncio"), (2, "uvloop")]
@@ -47,6 +46,7 @@ def test_repeats_take_the_settings_in_turns() -> None:
     assert in_turn(settings, 1) == [(2, "uvloop"), (1, "asyncio"), (1, "uvloop")]
 
 
+@pytest.mark.slow
 def test_one_and_two_processes_measured_split_and_reported(tmp_path: Path, capsys) -> None:
     out = tmp_path / "report"
     args = ["bench", "overhead", "--serve-workers", "1,2", "--payloads", "fp32,jpeg", "--size", "32"]
