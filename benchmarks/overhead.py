@@ -371,10 +371,10 @@ def run(args: argparse.Namespace) -> Report:
         LoadGenerator(args.workers) as generator,
     ):
         model = near_free_model(Path(tmp) / "near_free" / "model.onnx", args.size)
+        settings = list(itertools.product(args.serve_workers, args.event_loops))
         for repeat in range(args.repeats):
             for payload in args.payloads:
-                settings = itertools.product(args.serve_workers, args.event_loops)
-                for serve_workers, loop in in_turn(list(settings), repeat):
+                for serve_workers, loop in in_turn(settings, repeat):
                     row = measure(model, payload, serve_workers, generator, level, args.size, flags, loop)
                     rows.append(row)
                     print(

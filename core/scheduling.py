@@ -21,21 +21,20 @@ from __future__ import annotations
 import os
 
 
-def yield_on_wakeup() -> bool:
+def yield_on_wakeup() -> None:
     """Put every thread of this process under SCHED_BATCH (those started at import too, such as
-    a BLAS pool's); threads started later inherit it. False where the system has no such policy
-    or refuses it."""
+    a BLAS pool's); threads started later inherit it. Where the system has no such policy or
+    refuses it, the threads stay as they are."""
     setter = getattr(os, "sched_setscheduler", None)
     policy = getattr(os, "SCHED_BATCH", None)
     if setter is None or policy is None:
-        return False
+        return
     try:
         threads = [int(tid) for tid in os.listdir("/proc/self/task")]
     except OSError:
         threads = [0]  # the calling thread
-    try:
-        for tid in threads:
+    for tid in threads:
+        try:
             setter(tid, policy, os.sched_param(0))
-    except OSError:
-        return False
-    return True
+        except OSError:  # refused, or a thread that ended since it was listed: the others still
+            continue
